@@ -1,0 +1,7 @@
+"""Algorithms, one module each; importing this package registers them all."""
+
+from fedcollm.algorithms.base import ALGORITHMS, Algorithm, register
+from fedcollm.algorithms.fedavg import FedAvg
+from fedcollm.algorithms.fedcollm import FedCoLLM
+
+__all__ = ["ALGORITHMS", "Algorithm", "FedAvg", "FedCoLLM", "register"]

@@ -1,0 +1,120 @@
+"""The contract every algorithm fulfils, and the registry the config resolves names against.
+
+A round, as in Flower's strategies: `configure_fit` builds what clients receive, each client
+runs `client_fit`, the server `aggregate_fit`s the replies and runs `server_update` on the
+aggregate, then `evaluate`. Engines call these hooks and only move the messages between them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+from fedcollm.aggregate import weighted_mean
+from fedcollm.config import ExperimentConfig
+from fedcollm.evaluate import evaluate
+from fedcollm.models import Arrays, get_adapter, set_adapter
+from fedcollm.runtime import (
+    ClientReply,
+    ClientRuntime,
+    Metric,
+    Payload,
+    Reporter,
+    ServerRuntime,
+    derive_seed,
+    pad_id,
+)
+from fedcollm.train import train_sft
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make an algorithm selectable by its `name` in configs."""
+    if cls.name in ALGORITHMS:
+        raise ValueError(f"algorithm name {cls.name!r} registered twice")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+class Algorithm(ABC):
+    """A federated co-tuning algorithm as a handful of hooks."""
+
+    name: ClassVar[str]
+    uses_llm: ClassVar[bool] = False
+    """Whether the server loads an LLM."""
+    secure_aggregation: ClassVar[bool] = True
+    """Whether `aggregate_fit` is a weighted mean that secure aggregation may compute instead."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+
+    def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
+        """What every client receives at the start of round `rnd` (default: the global adapter)."""
+        return Payload(arrays=server.global_adapter, config={"round": rnd})
+
+    @abstractmethod
+    def client_fit(
+        self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
+    ) -> ClientReply:
+        """A client's local work for one round."""
+
+    def aggregate_fit(
+        self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int
+    ) -> Arrays:
+        """Combine client replies (default: FedAvg's example-weighted mean)."""
+        return weighted_mean(replies)
+
+    @abstractmethod
+    def server_update(
+        self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
+    ) -> list[Metric]:
+        """The server's work on the aggregate; must leave the next global adapter in `server`."""
+
+    def evaluate(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> list[Metric]:
+        """Zero-shot accuracy of the global SLM and (if any) the LLM on the evaluation set."""
+        metrics: list[Metric] = []
+        for role in self.config.eval.models:
+            if role == "llm" and server.llm is None:
+                continue
+            lm = server.model(role)
+            if role == "slm":
+                set_adapter(lm.model, server.global_adapter)
+            reporter.phase(f"round {rnd} · evaluating {role} ({lm.name})")
+            result = evaluate(
+                lm.model,
+                lm.tokenizer,
+                server.encoded_eval(role),
+                add_bos=lm.add_bos,
+                batch_size=self.config.eval.batch_size,
+                on_batch=lambda b, total: reporter.advance(b, total),
+            )
+            metrics += [
+                Metric(rnd, role, None, key, value) for key, value in result.summary().items()
+            ]
+        return metrics
+
+
+def train_client_adapter(
+    algorithm: Algorithm, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
+) -> ClientReply:
+    """The standard local update: start from the payload's adapter, train E epochs, send it back."""
+    config = algorithm.config
+    set_adapter(client.slm.model, payload.arrays)
+    reporter.phase(f"round {rnd} · client {client.client_id} training", None)
+    result = train_sft(
+        client.slm.model,
+        client.train,
+        pad_id=pad_id(client.slm),
+        lr=config.slm.lr,
+        cfg=config.train,
+        seed=derive_seed(config.seed, rnd, 100 + client.client_id),
+        on_step=reporter.step_callback(),
+    )
+    return ClientReply(
+        client=client.client_id,
+        arrays=get_adapter(client.slm.model),
+        num_examples=result.num_examples,
+        metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
+    )

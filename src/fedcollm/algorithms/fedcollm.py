@@ -1,0 +1,55 @@
+"""FedCoLLM (Fan et al., 2024), Algorithm 1: FedAvg of SLM adapters, then server-side mutual
+distillation between the LLM and the aggregated SLM on the auxiliary set (Eq. 4-6).
+"""
+
+from __future__ import annotations
+
+from fedcollm.algorithms.base import register
+from fedcollm.algorithms.fedavg import FedAvg
+from fedcollm.distill import check_same_tokenizer, mutual_distill
+from fedcollm.models import Arrays, get_adapter, set_adapter
+from fedcollm.runtime import Metric, Reporter, ServerRuntime, derive_seed, encode_sft, pad_id
+
+
+@register
+class FedCoLLM(FedAvg):
+    """FedAvg plus R epochs of mutual knowledge distillation on the server per round."""
+
+    name = "fedcollm"
+    uses_llm = True
+
+    def server_update(
+        self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
+    ) -> list[Metric]:
+        config = self.config
+        llm, slm = server.model("llm"), server.slm
+        assert config.llm is not None
+        check_same_tokenizer(llm.tokenizer, slm.tokenizer, f"FedCoLLM ({llm.name} vs {slm.name})")
+        if not server.aux_requests:
+            raise ValueError(
+                "FedCoLLM needs an auxiliary set on the server: set task.aux_fraction > 0"
+            )
+        set_adapter(slm.model, aggregate)
+        max_length = config.train.max_length
+        reporter.phase(f"round {rnd} · server distillation ({len(server.aux_requests)} examples)")
+        result = mutual_distill(
+            llm.model,
+            slm.model,
+            encode_sft(llm, server.aux_requests, max_length),
+            encode_sft(slm, server.aux_requests, max_length),
+            llm_pad_id=pad_id(llm),
+            slm_pad_id=pad_id(slm),
+            llm_lr=config.llm.lr,
+            slm_lr=config.slm.lr,
+            cfg=config.distill,
+            train_cfg=config.train,
+            seed=derive_seed(config.seed, rnd, 1),
+            on_step=reporter.step_callback(),
+        )
+        server.global_adapter = get_adapter(slm.model)
+        return [
+            Metric(rnd, "llm", None, "distill_loss", result.llm_loss),
+            Metric(rnd, "slm", None, "distill_loss", result.slm_loss),
+            Metric(rnd, "llm", None, "distill_kd", result.llm_kd),
+            Metric(rnd, "slm", None, "distill_kd", result.slm_kd),
+        ]

@@ -1,0 +1,151 @@
+"""Command line: `fedcollm run` and `fedcollm eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedcollm.runtime import Reporter
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+DEFAULT_CONFIG = Path("configs/default.toml")
+
+
+class RichReporter(Reporter):
+    """Shows the current unit of work with a progress bar and keeps a log of messages."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = progress.add_task("starting", total=None, info="")
+
+    def phase(self, description: str, total: int | None = None) -> None:
+        self.progress.update(self.task, description=description, total=total, completed=0, info="")
+
+    def advance(self, completed: int, total: int | None = None, info: str = "") -> None:
+        self.progress.update(self.task, completed=completed, total=total, info=info)
+
+    def message(self, text: str) -> None:
+        self.progress.console.log(text)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment TOML (default: configs/default.toml).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set federation.rounds=2")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default: runs/<config name>).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+) -> None:
+    """Run an experiment on the embedded engine and write its run folder."""
+    from fedcollm.config import ConfigError, load_config
+    from fedcollm.data import DataError
+    from fedcollm.distill import TokenizerMismatchError
+    from fedcollm.models import ModelError
+    from fedcollm.recording import RunFolderError
+    from fedcollm.run import run_experiment
+
+    _quiet_libraries()
+    if config is None:
+        config = DEFAULT_CONFIG
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    out = out or Path("runs") / cfg.name
+    console.print(
+        f"[bold]{cfg.name}[/]: {cfg.algorithm} · task {cfg.task.name} · {cfg.federation.num_clients} clients "
+        f"on {cfg.slm.name}"
+        + (f" · server {cfg.llm.name}" if cfg.llm else "")
+        + f" · {cfg.federation.rounds} rounds"
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            run_experiment(cfg, out, overwrite=overwrite, reporter=RichReporter(progress))
+    except (ConfigError, DataError, ModelError, RunFolderError, TokenizerMismatchError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[green]done[/]: {out}")
+    console.print((out / "results.md").read_text(encoding="utf-8"))
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Offline alias, hub id, local folder or .gguf file.")],
+    task: Annotated[str, typer.Option(help="Task name, e.g. arc_easy.")],
+    adapter: Annotated[Path | None, typer.Option(help="A peft adapter folder to apply.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "validation",
+    limit: Annotated[
+        int | None, typer.Option(help="Evaluate a seeded subset of N questions.")
+    ] = None,
+    source: Annotated[str, typer.Option(help='"auto", "olmo", "hub" or a JSONL path.')] = "auto",
+    format_: Annotated[
+        str, typer.Option("--format", help='"lm_eval" or "answer_text".')
+    ] = "lm_eval",
+    seed: int = 0,
+    batch_size: int = 16,
+) -> None:
+    """Zero-shot accuracy of a model (optionally with an adapter) on a task, as JSON."""
+    from peft import PeftModel
+
+    from fedcollm.data import DataError, load_questions, render, sample_indices
+    from fedcollm.evaluate import evaluate
+    from fedcollm.models import ModelError, load_base_model, load_tokenizer, needs_bos
+
+    _quiet_libraries()
+    try:
+        pool = load_questions(task, split, source)
+        questions = [pool[i] for i in sample_indices(len(pool), limit, seed)]
+        requests = [render(task, q, format_) for q in questions]
+        tokenizer = load_tokenizer(model)
+        lm = load_base_model(model)
+    except (DataError, ModelError) as exc:
+        raise _fail(str(exc)) from None
+    if adapter is not None:
+        if not (adapter / "adapter_config.json").is_file():
+            raise _fail(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+        lm = PeftModel.from_pretrained(lm, str(adapter))
+    result = evaluate(lm, tokenizer, requests, add_bos=needs_bos(lm), batch_size=batch_size)
+    report = {
+        "model": model,
+        "adapter": str(adapter) if adapter else None,
+        "task": task,
+        "split": split,
+        "format": format_,
+        **result.summary(),
+    }
+    typer.echo(json.dumps(report, indent=2))

@@ -1,0 +1,239 @@
+"""Typed experiment configuration: TOML in, validated, resolved copy written out.
+
+Every knob of an experiment lives here with its default, so a run folder's `config.toml` is the
+complete recipe of that run. Unknown keys are refused with the closest valid name suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the file and key at fault."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    """LoRA adapter shape. `target_modules` empty means: chosen per architecture."""
+
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=list, description="Module names to adapt; empty = per-architecture default."
+    )
+
+
+class ModelConfig(_Section):
+    """A base language model and the LoRA adapter trained on it."""
+
+    name: str = Field(..., description="Offline alias, hub id, local folder or .gguf file.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lr: float = Field(2e-4, gt=0, description="Learning rate of this model's adapter.")
+
+
+class TaskConfig(_Section):
+    """The data: which task, where from, how it is split between server and clients."""
+
+    name: str = Field("arc_easy", description="Task name (see `fedcollm.data.TASKS`).")
+    source: str = Field("auto", description='"auto", "olmo", "hub" or a path to a JSONL file.')
+    format: str = Field("lm_eval", description='Prompt format: "lm_eval" or "answer_text".')
+    train_split: str = "train"
+    eval_split: str = "validation"
+    train_limit: int | None = Field(
+        None, ge=1, description="Use only the first N training questions (CPU-scale runs)."
+    )
+    aux_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of the training questions held by the server (D_a)."
+    )
+    partition: str = Field("iid", description='Client split: "iid" or "dirichlet".')
+    dirichlet_alpha: float = Field(0.5, gt=0)
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(3, ge=1, description="Communication rounds T.")
+    num_clients: int = Field(4, ge=1, description="Number of clients K.")
+
+
+class TrainConfig(_Section):
+    """Client-side local fine-tuning (task loss on answer tokens only)."""
+
+    epochs: int = Field(1, ge=1, description="Local epochs E per round.")
+    batch_size: int = Field(4, ge=1)
+    max_length: int = Field(
+        256, ge=8, description="Longest token sequence; longer ones are cut on the left."
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+
+
+class DistillConfig(_Section):
+    """Server-side mutual distillation between the LLM and the aggregated SLM (Eq. 4-6)."""
+
+    epochs: int = Field(1, ge=1, description="Distillation epochs R per round.")
+    kd_weight: float = Field(1.0, ge=0, description="lambda: weight of the KL term.")
+    temperature: float = Field(
+        1.0, gt=0, description="Softmax temperature of both sides of the KL."
+    )
+    batch_size: int = Field(4, ge=1)
+
+
+class EvalConfig(_Section):
+    split: str | None = Field(None, description="Split to evaluate; default: task.eval_split.")
+    limit: int | None = Field(200, ge=1, description="Seeded subset size; none = whole split.")
+    every_round: bool = Field(True, description="Evaluate after every round, not only the last.")
+    batch_size: int = Field(16, ge=1, description="Choices scored per forward pass.")
+    models: list[Literal["slm", "llm"]] = Field(default_factory=lambda: ["slm", "llm"])
+
+
+class ExperimentConfig(_Section):
+    """One experiment: algorithm, models, data, federation and training settings."""
+
+    name: str = "experiment"
+    algorithm: str = Field("fedcollm", description="Registered algorithm name.")
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype of the frozen base models."
+    )
+    slm: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m"))
+    llm: ModelConfig | None = Field(
+        default_factory=lambda: ModelConfig(name="smollm2-135m", lr=1e-4),
+        description="The server's LLM; algorithms without one ignore it.",
+    )
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        from fedcollm.algorithms import ALGORITHMS
+
+        if value not in ALGORITHMS:
+            raise ValueError(
+                f"unknown algorithm {value!r}; available: {', '.join(sorted(ALGORITHMS))}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _eval_split_default(self) -> ExperimentConfig:
+        if self.eval.split is None:
+            self.eval.split = self.task.eval_split
+        return self
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML (None values omitted, as TOML has no null)."""
+        return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """Valid keys of the section a validation error points into (for suggestions)."""
+    current: Any = model
+    for part in path[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        for candidate in getattr(annotation, "__args__", (annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+                break
+        else:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            valid = _field_names(ExperimentConfig, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = (
+                f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
+            )
+            lines.append(f"  - unknown key {key!r}{hint}; valid keys here: {', '.join(valid)}")
+        else:
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"  - {key or '<root>'}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse one `key=value` override; the value is read as TOML, else as a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. federation.rounds=2")
+    key, raw = item.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def build_config(data: dict[str, Any], origin: str = "<dict>") -> ExperimentConfig:
+    """Validate a raw mapping into an `ExperimentConfig`, with readable errors."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a TOML experiment file (None = all defaults) and apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    origin = "<defaults>"
+    if path is not None:
+        origin = str(path)
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file}")
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    return build_config(data, origin)

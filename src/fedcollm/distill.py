@@ -1,0 +1,137 @@
+"""Knowledge distillation between two language models: KL losses and FedCoLLM's mutual step.
+
+Convention: `kd_loss(student, teacher)` is KL(p_teacher || p_student), Hinton's distillation
+loss, which is what the paper's l_KL(student(x), teacher(x)) denotes in the argument order of
+`torch.nn.functional.kl_div(input=student, target=teacher)`. The teacher side never receives a
+gradient. `direction="reverse"` gives KL(p_student || p_teacher) for users who want it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from peft import PeftModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from fedcollm.config import DistillConfig, TrainConfig
+from fedcollm.encoding import Encoded, batches, collate
+from fedcollm.forward import answer_cross_entropy, target_logits
+from fedcollm.train import epoch_orders, make_optimizer, trainable_parameters
+
+KdDirection = Literal["forward", "reverse"]
+
+
+class TokenizerMismatchError(ValueError):
+    """The two models tokenise differently, so their logits cannot be compared position by position."""
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    direction: KdDirection = "forward",
+) -> torch.Tensor:
+    """Mean over positions of KL between softened distributions, scaled by T^2 (Hinton et al.).
+
+    Both inputs are [P, V] over the same vocabulary. The teacher is detached here, so a caller
+    cannot accidentally train the teacher through this term.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1) if direction == "forward" else (s.exp() * (s - t)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+def check_same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, what: str) -> None:
+    """Refuse position-wise distillation between models whose vocabularies differ."""
+    if a.get_vocab() != b.get_vocab():
+        raise TokenizerMismatchError(
+            f"{what}: the two models use different tokenizers ({len(a)} vs {len(b)} tokens), so "
+            "their logits cannot be compared position by position; token alignment is needed "
+            "(MinED vocabulary mapping, as FedMKT does). Use models with the same tokenizer."
+        )
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    steps: int
+    llm_loss: float
+    slm_loss: float
+    llm_kd: float
+    slm_kd: float
+
+
+def mutual_distill(
+    llm: PeftModel,
+    slm: PeftModel,
+    llm_examples: Sequence[Encoded],
+    slm_examples: Sequence[Encoded],
+    *,
+    llm_pad_id: int,
+    slm_pad_id: int,
+    llm_lr: float,
+    slm_lr: float,
+    cfg: DistillConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    direction: KdDirection = "forward",
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> DistillResult:
+    """FedCoLLM's server step (Eq. 4-6): R epochs of joint updates on the auxiliary set.
+
+    Per batch each model runs one forward: its logits are the student output for its own loss
+    and, detached, the teacher for the other model. L_f = CE(f) + lambda*KL(g||f) trains the
+    LLM adapter and L_g = CE(g) + lambda*KL(f||g) the SLM adapter, each with its own optimiser.
+    `llm_examples[i]` and `slm_examples[i]` are the same text in each model's tokenisation and
+    must have the same number of target tokens.
+    """
+    if len(llm_examples) != len(slm_examples) or not llm_examples:
+        raise ValueError("distillation needs the same non-empty example list for both models")
+    orders = epoch_orders(len(llm_examples), cfg.epochs, seed)
+    total = -(-len(llm_examples) // cfg.batch_size) * cfg.epochs
+    step_cfg = train_cfg.model_copy(update={"batch_size": cfg.batch_size})
+    opt_f, sched_f = make_optimizer(llm, llm_lr, step_cfg, total)
+    opt_g, sched_g = make_optimizer(slm, slm_lr, step_cfg, total)
+    torch.manual_seed(seed)
+    llm.train()
+    slm.train()
+    sums = np.zeros(4)
+    steps = 0
+    for order in orders:
+        for index in batches(llm_examples, cfg.batch_size, order):
+            batch_f = collate([llm_examples[i] for i in index], llm_pad_id)
+            batch_g = collate([slm_examples[i] for i in index], slm_pad_id)
+            if batch_f.num_targets != batch_g.num_targets:
+                raise TokenizerMismatchError("the models split the answers into different tokens")
+            f_logits = target_logits(llm, batch_f)
+            g_logits = target_logits(slm, batch_g)
+            vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embedding rows past the tokenizer
+            kd_f = kd_loss(f_logits[:, :vocab], g_logits[:, :vocab], cfg.temperature, direction)
+            kd_g = kd_loss(g_logits[:, :vocab], f_logits[:, :vocab], cfg.temperature, direction)
+            loss_f = answer_cross_entropy(f_logits, batch_f) + cfg.kd_weight * kd_f
+            loss_g = answer_cross_entropy(g_logits, batch_g) + cfg.kd_weight * kd_g
+            (loss_f + loss_g).backward()
+            for model, opt, sched in ((llm, opt_f, sched_f), (slm, opt_g, sched_g)):
+                if step_cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable_parameters(model), step_cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            steps += 1
+            sums += [float(loss_f), float(loss_g), float(kd_f), float(kd_g)]
+            if on_step is not None:
+                on_step(steps, total, float(loss_f + loss_g))
+    llm.eval()
+    slm.eval()
+    means = sums / max(1, steps)
+    return DistillResult(steps, *(float(x) for x in means))

@@ -1,0 +1,193 @@
+"""A run folder and what goes into it: the resolved config, metrics, communication, adapters.
+
+Layout of `<out>/`:
+- `config.toml`          the resolved configuration (every default spelled out)
+- `metrics.jsonl`        one JSON object per line: round, role, client, metric, value
+- `communication.json`   parameters and bytes each way per round, and their share of the model
+- `adapters/slm`, `adapters/llm`   final adapters in peft format
+- `results.md`           accuracy before and after, per model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedcollm.config import ExperimentConfig
+from fedcollm.models import Arrays, count_base_parameters, save_adapter
+from fedcollm.runtime import ClientReply, Metric, Payload, ServerRuntime
+
+if TYPE_CHECKING:
+    from fedcollm.algorithms import Algorithm
+
+
+class RunFolderError(ValueError):
+    """The output folder holds something we must not overwrite."""
+
+
+def _array_bytes(arrays: Arrays) -> tuple[int, int]:
+    params = sum(int(a.size) for a in arrays.values())
+    return params, sum(int(a.nbytes) for a in arrays.values())
+
+
+@dataclass
+class CommunicationLedger:
+    """Parameters and bytes sent each way, per round and client."""
+
+    rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, rnd: int, payload: Payload, replies: Sequence[ClientReply]) -> None:
+        down_params, down_bytes = _array_bytes(payload.arrays)
+        entry = self.rounds.setdefault(
+            rnd,
+            {
+                "round": rnd,
+                "clients": 0,
+                "down_params": 0,
+                "down_bytes": 0,
+                "up_params": 0,
+                "up_bytes": 0,
+            },
+        )
+        for reply in replies:
+            up_params, up_bytes = _array_bytes(reply.arrays)
+            entry["clients"] += 1
+            entry["down_params"] += down_params
+            entry["down_bytes"] += down_bytes
+            entry["up_params"] += up_params
+            entry["up_bytes"] += up_bytes
+
+    def summary(self, full_model_params: int, adapter_params: int) -> dict[str, Any]:
+        rounds = [self.rounds[r] for r in sorted(self.rounds)]
+        return {
+            "full_model_params": full_model_params,
+            "adapter_params": adapter_params,
+            "adapter_share_percent": 100.0 * adapter_params / full_model_params
+            if full_model_params
+            else None,
+            "table3": {
+                "full_model_params_M": full_model_params / 1e6,
+                "transmitted_params_M": adapter_params / 1e6,
+                "param_percent": 100.0 * adapter_params / full_model_params
+                if full_model_params
+                else None,
+            },
+            "rounds": rounds,
+            "total_bytes": sum(r["down_bytes"] + r["up_bytes"] for r in rounds),
+        }
+
+
+class RunRecorder:
+    """Writes a run folder as the run goes (metrics are flushed line by line)."""
+
+    def __init__(self, out: Path, config: ExperimentConfig, overwrite: bool = False) -> None:
+        self.out = out
+        self.config = config
+        self.metrics: list[Metric] = []
+        self.ledger = CommunicationLedger()
+        existing = out / "config.toml"
+        if existing.exists() and not overwrite:
+            same = existing.read_text(encoding="utf-8") == config.to_toml()
+            what = "the same experiment" if same else "a different experiment"
+            raise RunFolderError(
+                f"output folder {out} already holds a run ({what}); pass --overwrite to replace it "
+                "or choose another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("", encoding="utf-8")
+        _atomic_write(existing, config.to_toml())
+
+    def record(self, metrics: Iterable[Metric]) -> None:
+        new = list(metrics)
+        self.metrics += new
+        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            for metric in new:
+                fh.write(json.dumps(metric.as_dict()) + "\n")
+
+    def record_exchange(self, rnd: int, payload: Payload, replies: Sequence[ClientReply]) -> None:
+        self.ledger.add(rnd, payload, replies)
+        self.record(
+            Metric(rnd, "client", reply.client, key, float(value))
+            for reply in replies
+            for key, value in reply.metrics.items()
+        )
+
+    def finish(self, algorithm: Algorithm, server: ServerRuntime) -> None:
+        """Save the final adapters and write communication.json and results.md."""
+        save_adapter(server.slm.model, self.out / "adapters" / "slm", server.global_adapter)
+        if server.llm is not None:
+            save_adapter(server.llm.model, self.out / "adapters" / "llm")
+        adapter_params = sum(int(np.prod(a.shape)) for a in server.global_adapter.values())
+        summary = self.ledger.summary(count_base_parameters(server.slm.model), adapter_params)
+        summary["slm"] = server.slm.name
+        _atomic_write(self.out / "communication.json", json.dumps(summary, indent=2))
+        _atomic_write(self.out / "results.md", results_markdown(self.config, self.metrics, summary))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _accuracy(metrics: Sequence[Metric], role: str, rnd: int, key: str) -> float | None:
+    for m in metrics:
+        if m.role == role and m.round == rnd and m.metric == key and m.client is None:
+            return m.value
+    return None
+
+
+def results_markdown(
+    config: ExperimentConfig, metrics: Sequence[Metric], comm: dict[str, Any]
+) -> str:
+    """Accuracy before training and after the last round, per model, as a markdown table."""
+    evaluated = sorted({m.round for m in metrics if m.metric == "acc"})
+    last = evaluated[-1] if evaluated else 0
+    lines = [
+        f"# {config.name}: {config.algorithm} on {config.task.name}",
+        "",
+        f"{config.federation.num_clients} clients, {config.federation.rounds} rounds, "
+        f"evaluation on {config.eval.split} (n = {_n(metrics)}), seed {config.seed}.",
+        "",
+        "| model | name | acc before | acc after | acc_norm before | acc_norm after |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = {"slm": config.slm.name, "llm": config.llm.name if config.llm else "-"}
+    for role in ("slm", "llm"):
+        if _accuracy(metrics, role, 0, "acc") is None:
+            continue
+        cells = []
+        for key in ("acc", "acc_norm"):
+            for rnd in (0, last):
+                value = _accuracy(metrics, role, rnd, key)
+                err = _accuracy(metrics, role, rnd, f"{key}_stderr")
+                cells.append(
+                    f"{100 * value:.1f} ± {100 * err:.1f}"
+                    if value is not None and err is not None
+                    else "-"
+                )
+        lines.append(
+            f"| {role.upper()} | {names[role]} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |"
+        )
+    table3 = comm["table3"]
+    lines += [
+        "",
+        f"Communication: {table3['transmitted_params_M']:.3f} M adapter parameters per message, "
+        f"{table3['param_percent']:.3f}% of the {table3['full_model_params_M']:.1f} M-parameter SLM; "
+        f"{comm['total_bytes'] / 1e6:.1f} MB in total over the run.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _n(metrics: Sequence[Metric]) -> int:
+    for m in metrics:
+        if m.metric == "n":
+            return int(m.value)
+    return 0

@@ -1,0 +1,99 @@
+"""Supervised LoRA fine-tuning with the loss on answer tokens only.
+
+Used by every algorithm that trains on labelled data: clients' local updates, Standalone,
+FedAvg, and the Centralized baseline. The base model is frozen; only adapter parameters train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from fedcollm.config import TrainConfig
+from fedcollm.encoding import Encoded, batches, collate
+from fedcollm.forward import answer_cross_entropy, target_logits
+
+StepCallback = Callable[[int, int, float], None]
+"""Called after each optimiser step with (step, total_steps, loss)."""
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (was a LoRA adapter attached?)")
+    return params
+
+
+def make_optimizer(
+    model: torch.nn.Module, lr: float, cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the adapter with linear warmup then linear decay to zero."""
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model), lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+    )
+    warmup = round(cfg.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    mean_loss: float
+    num_examples: int
+
+
+def epoch_orders(n: int, epochs: int, seed: int) -> list[list[int]]:
+    """A seeded shuffle of `range(n)` per epoch."""
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(n).tolist() for _ in range(epochs)]
+
+
+def train_sft(
+    model: PeftModel,
+    examples: Sequence[Encoded],
+    *,
+    pad_id: int,
+    lr: float,
+    cfg: TrainConfig,
+    seed: int,
+    epochs: int | None = None,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Fine-tune the model's adapter on `examples` for `epochs` (default `cfg.epochs`)."""
+    if not examples:
+        raise ValueError("no training examples")
+    epochs = cfg.epochs if epochs is None else epochs
+    orders = epoch_orders(len(examples), epochs, seed)
+    steps_per_epoch = -(-len(examples) // cfg.batch_size)
+    total = steps_per_epoch * epochs
+    optimizer, scheduler = make_optimizer(model, lr, cfg, total)
+    torch.manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    for order in orders:
+        for index in batches(examples, cfg.batch_size, order):
+            batch = collate([examples[i] for i in index], pad_id)
+            loss = answer_cross_entropy(target_logits(model, batch), batch)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(len(losses), total, losses[-1])
+    model.eval()
+    return TrainResult(
+        steps=len(losses), mean_loss=float(np.mean(losses)), num_examples=len(examples)
+    )

@@ -1,0 +1,64 @@
+"""Configuration: defaults, TOML loading, overrides and the errors users see."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedcollm.config import ConfigError, ExperimentConfig, build_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["default", "smoke"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / f"{name}.toml")
+    assert cfg.name == name
+
+
+def test_unknown_key_suggests_the_closest_valid_name() -> None:
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'federation.round'.*did you mean 'federation.rounds'"
+    ):
+        build_config({"federation": {"round": 2}})
+    with pytest.raises(ConfigError, match=r"did you mean 'distill'"):
+        build_config({"distil": {}})
+
+
+def test_wrong_type_and_range_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"federation.rounds.*got 'three'"):
+        build_config({"federation": {"rounds": "three"}})
+    with pytest.raises(ConfigError, match=r"task.aux_fraction"):
+        build_config({"task": {"aux_fraction": 1.5}})
+
+
+def test_unknown_algorithm_lists_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'fedprox'.*fedavg.*fedcollm"):
+        build_config({"algorithm": "fedprox"})
+
+
+def test_overrides_are_parsed_as_toml_values(tmp_path: Path) -> None:
+    cfg = load_config(None, ["federation.rounds=5", "distill.kd_weight=0.5", "slm.name=foo/bar"])
+    assert cfg.federation.rounds == 5
+    assert cfg.distill.kd_weight == 0.5
+    assert cfg.slm.name == "foo/bar"
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["federation.rounds"])
+
+
+def test_resolved_config_round_trips_through_toml() -> None:
+    cfg = ExperimentConfig()
+    again = build_config(tomllib.loads(cfg.to_toml()))
+    assert again == cfg
+    assert again.eval.split == "validation"
+
+
+def test_missing_and_broken_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 2")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load_config(bad)

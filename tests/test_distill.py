@@ -1,0 +1,82 @@
+"""KL direction and where distillation gradients flow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
+from fedcollm.distill import TokenizerMismatchError, check_same_tokenizer, kd_loss, mutual_distill
+from fedcollm.encoding import encode_pair
+from fedcollm.models import get_adapter, load_with_lora
+
+
+def test_kd_loss_is_kl_of_teacher_to_student() -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    p_t, p_s = torch.softmax(t, -1), torch.softmax(s, -1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(s, t), expected)
+    reverse = (p_s * (p_s.log() - p_t.log())).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(s, t, direction="reverse"), reverse)
+    assert not torch.allclose(expected, reverse)
+
+
+def test_kd_loss_scales_with_temperature_squared() -> None:
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 4), torch.randn(3, 4)
+    p_t, p_s = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum(-1).mean() * 4
+    torch.testing.assert_close(kd_loss(s, t, temperature=2.0), expected)
+
+
+def test_kd_loss_is_zero_for_identical_distributions_and_gradient_only_reaches_student() -> None:
+    s = torch.randn(4, 6, requires_grad=True)
+    t = torch.randn(4, 6, requires_grad=True)
+    assert float(kd_loss(s, s.detach().clone())) == pytest.approx(0.0, abs=1e-6)
+    kd_loss(s, t).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_mutual_distillation_moves_both_adapters_toward_each_other(
+    tiny_llama: Path, tiny_llama_big: Path
+) -> None:
+    llm = load_with_lora(str(tiny_llama_big), LoraConfig(r=4, dropout=0.0), seed=0)
+    slm = load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=0.0), seed=1)
+    before_f, before_g = get_adapter(llm.model), get_adapter(slm.model)
+    texts = [("Question: Plants need?\nAnswer:", " light"), ("The sun is", " a star")] * 2
+    ex_f = [encode_pair(llm.tokenizer, c, a) for c, a in texts]
+    ex_g = [encode_pair(slm.tokenizer, c, a) for c, a in texts]
+    result = mutual_distill(
+        llm.model,
+        slm.model,
+        ex_f,
+        ex_g,
+        llm_pad_id=0,
+        slm_pad_id=0,
+        llm_lr=1e-2,
+        slm_lr=1e-2,
+        cfg=DistillConfig(epochs=3, batch_size=2, kd_weight=1.0),
+        train_cfg=TrainConfig(),
+        seed=0,
+    )
+    assert result.steps == 6
+    after_f, after_g = get_adapter(llm.model), get_adapter(slm.model)
+    assert any(not np.array_equal(before_f[k], after_f[k]) for k in before_f)
+    assert any(not np.array_equal(before_g[k], after_g[k]) for k in before_g)
+    assert all(np.isfinite(v).all() for v in [*after_f.values(), *after_g.values()])
+
+
+def test_different_tokenizers_stop_with_alignment_message(tiny_llama: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny import make_tokenizer
+
+    a = PreTrainedTokenizerFast.from_pretrained(str(tiny_llama))
+    b = make_tokenizer(tiny_llama.parent / "other-tok", vocab_size=280)
+    with pytest.raises(TokenizerMismatchError, match="token alignment is needed"):
+        check_same_tokenizer(a, b, "test")

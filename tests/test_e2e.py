@@ -1,0 +1,119 @@
+"""End-to-end runs of the embedded engine on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from peft import PeftModel
+
+from fedcollm.config import build_config
+from fedcollm.models import get_adapter, load_base_model
+from fedcollm.recording import RunFolderError
+from fedcollm.run import run_experiment
+
+
+def tiny_config(slm: Path, llm: Path, **overrides: object) -> dict:
+    data: dict = {
+        "name": "tiny",
+        "algorithm": "fedcollm",
+        "seed": 0,
+        "slm": {"name": str(slm), "lr": 1e-3, "lora": {"r": 4}},
+        "llm": {"name": str(llm), "lr": 1e-3, "lora": {"r": 8}},
+        "task": {"name": "arc_easy", "train_limit": 24, "aux_fraction": 0.25},
+        "federation": {"rounds": 2, "num_clients": 2},
+        "train": {"batch_size": 4, "max_length": 128},
+        "distill": {"batch_size": 4},
+        "eval": {"limit": 8, "batch_size": 16},
+    }
+    data.update(overrides)
+    return data
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_round_two_client_fedcollm_run_writes_a_complete_run_folder(
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path
+) -> None:
+    cfg = build_config(tiny_config(tiny_llama, tiny_llama_big))
+    out = tmp_path / "run"
+    run_experiment(cfg, out)
+
+    assert tomllib.loads((out / "config.toml").read_text())["federation"]["rounds"] == 2
+    metrics = _metrics(out)
+    assert {"round", "role", "client", "metric", "value"} <= set(metrics[0])
+    for role in ("slm", "llm"):
+        rounds = sorted({m["round"] for m in metrics if m["role"] == role and m["metric"] == "acc"})
+        assert rounds == [0, 1, 2]
+    client_losses = [m for m in metrics if m["role"] == "client" and m["metric"] == "train_loss"]
+    assert sorted((m["round"], m["client"]) for m in client_losses) == [
+        (1, 0),
+        (1, 1),
+        (2, 0),
+        (2, 1),
+    ]
+    assert any(m["metric"] == "distill_kd" for m in metrics)
+
+    comm = json.loads((out / "communication.json").read_text())
+    adapter = sum(
+        v.size
+        for v in get_adapter(
+            PeftModel.from_pretrained(
+                load_base_model(str(tiny_llama)), str(out / "adapters" / "slm")
+            )
+        ).values()
+    )
+    assert comm["adapter_params"] == adapter
+    assert [r["up_params"] for r in comm["rounds"]] == [2 * adapter, 2 * adapter]
+    assert comm["rounds"][0]["down_bytes"] == 2 * adapter * 4
+    assert 0 < comm["adapter_share_percent"] < 100
+
+    for role in ("slm", "llm"):
+        assert (out / "adapters" / role / "adapter_config.json").is_file()
+    results = (out / "results.md").read_text()
+    assert "| SLM |" in results and "| LLM |" in results
+
+
+def test_same_seed_gives_the_same_adapters_and_metrics(
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path
+) -> None:
+    cfg = build_config(
+        tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 1, "num_clients": 2})
+    )
+    run_experiment(cfg, tmp_path / "a")
+    run_experiment(cfg, tmp_path / "b")
+    base = load_base_model(str(tiny_llama))
+    a = get_adapter(PeftModel.from_pretrained(base, str(tmp_path / "a" / "adapters" / "slm")))
+    base = load_base_model(str(tiny_llama))
+    b = get_adapter(PeftModel.from_pretrained(base, str(tmp_path / "b" / "adapters" / "slm")))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+
+
+def test_fedavg_has_no_llm_and_no_server_training(tiny_llama: Path, tmp_path: Path) -> None:
+    cfg = build_config(
+        tiny_config(
+            tiny_llama, tiny_llama, algorithm="fedavg", federation={"rounds": 1, "num_clients": 2}
+        )
+    )
+    run_experiment(cfg, tmp_path / "run")
+    metrics = _metrics(tmp_path / "run")
+    assert not any(m["role"] == "llm" for m in metrics)
+    assert not any(m["metric"].startswith("distill") for m in metrics)
+
+
+def test_existing_run_folder_is_not_overwritten_silently(
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text("name = 'other'\n")
+    cfg = build_config(tiny_config(tiny_llama, tiny_llama_big))
+    with pytest.raises(RunFolderError, match="different experiment"):
+        run_experiment(cfg, out)
+    assert (out / "config.toml").read_text() == "name = 'other'\n"

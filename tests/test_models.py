@@ -1,0 +1,113 @@
+"""Model loading, LoRA per architecture, adapters as arrays, logits at target positions only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from fedcollm.config import LoraConfig
+from fedcollm.encoding import collate, encode_pair
+from fedcollm.forward import full_logits, target_logits
+from fedcollm.models import (
+    ModelError,
+    get_adapter,
+    load_base_model,
+    load_tokenizer,
+    load_with_lora,
+    lora_targets,
+    resolve_model,
+    save_adapter,
+    set_adapter,
+)
+from tests.tiny import ARCHITECTURES, make_model
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def tiny_arch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def _perturb(arrays: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=v.shape).astype(np.float32) * 0.1 for k, v in arrays.items()}
+
+
+def test_unknown_model_name_is_named_in_the_error() -> None:
+    with pytest.raises(ModelError, match="no-such-model"):
+        resolve_model("no-such-model")
+    with pytest.raises(ModelError, match="smollm2-135m"):  # lists the aliases
+        resolve_model("not_an_alias")
+
+
+def test_missing_gguf_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"missing\.gguf"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+
+
+def test_folder_without_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"config\.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_hub_ids_pass_through_unchanged() -> None:
+    assert resolve_model("openai-community/gpt2") == "openai-community/gpt2"
+
+
+def test_lora_targets_default_per_architecture_and_override(tiny_arch: Path) -> None:
+    model = load_base_model(str(tiny_arch))
+    expected = {"gpt2": ["c_attn"]}.get(model.config.model_type, ["q_proj", "v_proj"])
+    assert lora_targets(model, LoraConfig()) == expected
+    assert lora_targets(model, LoraConfig(target_modules=["x"])) == ["x"]
+
+
+def test_target_logits_equal_the_models_own_logits(tiny_arch: Path) -> None:
+    lm = load_with_lora(str(tiny_arch), LoraConfig(r=4, dropout=0.0), seed=0)
+    set_adapter(lm.model, _perturb(get_adapter(lm.model)))
+    items = [
+        encode_pair(lm.tokenizer, "Question: Plants need?\nAnswer:", " light"),
+        encode_pair(lm.tokenizer, "The sun is", " a star. Water boils"),
+    ]
+    batch = collate(items, lm.tokenizer.pad_token_id)
+    ours = target_logits(lm.model, batch)
+    reference = full_logits(lm.model, batch)
+    assert ours.shape == (batch.num_targets, reference.shape[-1])
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_round_trip_through_peft_format(tiny_llama: Path, tmp_path: Path) -> None:
+    lm = load_with_lora(str(tiny_llama), LoraConfig(r=4), seed=0)
+    arrays = _perturb(get_adapter(lm.model))
+    save_adapter(lm.model, tmp_path / "adapter", arrays)
+    reloaded = PeftModel.from_pretrained(
+        load_base_model(str(tiny_llama)), str(tmp_path / "adapter")
+    )
+    back = get_adapter(reloaded)
+    assert list(back) == list(arrays)
+    for name in arrays:
+        np.testing.assert_array_equal(back[name], arrays[name])
+
+
+def test_set_adapter_rejects_wrong_names_and_shapes(tiny_llama: Path) -> None:
+    lm = load_with_lora(str(tiny_llama), LoraConfig(r=4), seed=0)
+    arrays = get_adapter(lm.model)
+    name = next(iter(arrays))
+    with pytest.raises(ValueError, match="shape"):
+        set_adapter(lm.model, {**arrays, name: np.zeros((1, 1), np.float32)})
+    with pytest.raises(ValueError, match="missing"):
+        set_adapter(lm.model, {k: v for k, v in arrays.items() if k != name})
+
+
+def test_lora_init_is_seeded(tiny_llama: Path) -> None:
+    a = get_adapter(load_with_lora(str(tiny_llama), LoraConfig(r=4), seed=3).model)
+    b = get_adapter(load_with_lora(str(tiny_llama), LoraConfig(r=4), seed=3).model)
+    c = get_adapter(load_with_lora(str(tiny_llama), LoraConfig(r=4), seed=4).model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_tokenizer_gets_a_pad_token(tiny_llama: Path) -> None:
+    assert load_tokenizer(str(tiny_llama)).pad_token_id is not None
