@@ -30,13 +30,16 @@ def run_rounds(
     """Evaluate before training, then T rounds of fit -> aggregate -> server step -> evaluate."""
     config = algorithm.config
     recorder.record(algorithm.evaluate(server, 0, reporter))
-    rounds = config.federation.rounds
+    rounds = algorithm.num_rounds()
     for rnd in range(1, rounds + 1):
         reporter.message(f"round {rnd}/{rounds}")
-        payload = algorithm.configure_fit(server, rnd)
-        replies = transport.fit(payload, rnd)
-        recorder.record_exchange(rnd, payload, replies)
-        aggregate = algorithm.aggregate_fit(server, replies, rnd)
+        aggregate = {}
+        if algorithm.uses_clients:
+            payload = algorithm.configure_fit(server, rnd)
+            # Client order fixes the float summation order, so every engine aggregates alike.
+            replies = sorted(transport.fit(payload, rnd), key=lambda reply: reply.client)
+            recorder.record_exchange(rnd, payload, replies)
+            aggregate = algorithm.aggregate_fit(server, replies, rnd)
         recorder.record(algorithm.server_update(server, aggregate, rnd, reporter))
         if config.eval.every_round or rnd == rounds:
             recorder.record(algorithm.evaluate(server, rnd, reporter))

@@ -1,7 +1,17 @@
 """Algorithms, one module each; importing this package registers them all."""
 
 from fedcollm.algorithms.base import ALGORITHMS, Algorithm, register
+from fedcollm.algorithms.baselines import Centralized, Standalone, ZeroShot
 from fedcollm.algorithms.fedavg import FedAvg
 from fedcollm.algorithms.fedcollm import FedCoLLM
 
-__all__ = ["ALGORITHMS", "Algorithm", "FedAvg", "FedCoLLM", "register"]
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "Centralized",
+    "FedAvg",
+    "FedCoLLM",
+    "Standalone",
+    "ZeroShot",
+    "register",
+]

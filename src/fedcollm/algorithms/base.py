@@ -44,11 +44,17 @@ class Algorithm(ABC):
     name: ClassVar[str]
     uses_llm: ClassVar[bool] = False
     """Whether the server loads an LLM."""
+    uses_clients: ClassVar[bool] = True
+    """Whether rounds involve the clients (Centralized and Zero-Shot train or do nothing alone)."""
     secure_aggregation: ClassVar[bool] = True
     """Whether `aggregate_fit` is a weighted mean that secure aggregation may compute instead."""
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
+
+    def num_rounds(self) -> int:
+        """How many rounds to run (default: `federation.rounds`)."""
+        return self.config.federation.rounds
 
     def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
         """What every client receives at the start of round `rnd` (default: the global adapter)."""
@@ -60,9 +66,7 @@ class Algorithm(ABC):
     ) -> ClientReply:
         """A client's local work for one round."""
 
-    def aggregate_fit(
-        self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int
-    ) -> Arrays:
+    def aggregate_fit(self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int) -> Arrays:
         """Combine client replies (default: FedAvg's example-weighted mean)."""
         return weighted_mean(replies)
 
@@ -75,25 +79,41 @@ class Algorithm(ABC):
     def evaluate(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> list[Metric]:
         """Zero-shot accuracy of the global SLM and (if any) the LLM on the evaluation set."""
         metrics: list[Metric] = []
-        for role in self.config.eval.models:
-            if role == "llm" and server.llm is None:
-                continue
-            lm = server.model(role)
-            if role == "slm":
-                set_adapter(lm.model, server.global_adapter)
-            reporter.phase(f"round {rnd} · evaluating {role} ({lm.name})")
-            result = evaluate(
-                lm.model,
-                lm.tokenizer,
-                server.encoded_eval(role),
-                add_bos=lm.add_bos,
-                batch_size=self.config.eval.batch_size,
-                on_batch=lambda b, total: reporter.advance(b, total),
-            )
-            metrics += [
-                Metric(rnd, role, None, key, value) for key, value in result.summary().items()
-            ]
+        for role in self.eval_roles(server):
+            adapter = server.global_adapter if role == "slm" else None
+            metrics += evaluate_role(self, server, role, rnd, reporter, adapter)
         return metrics
+
+    def eval_roles(self, server: ServerRuntime) -> list[str]:
+        """The configured models to evaluate that this algorithm has."""
+        have = {"slm": True, "llm": self.uses_llm and server.llm is not None}
+        return [role for role in self.config.eval.models if have[role]]
+
+
+def evaluate_role(
+    algorithm: Algorithm,
+    server: ServerRuntime,
+    role: str,
+    rnd: int,
+    reporter: Reporter,
+    adapter: Arrays | None = None,
+    client: int | None = None,
+) -> list[Metric]:
+    """Evaluate one model (with `adapter` loaded into it, if given) and return its metrics."""
+    lm = server.model(role)
+    if adapter is not None:
+        set_adapter(lm.model, adapter)
+    who = f"{role} ({lm.name})" if client is None else f"{role} of client {client}"
+    reporter.phase(f"round {rnd} · evaluating {who}")
+    result = evaluate(
+        lm.model,
+        lm.tokenizer,
+        server.encoded_eval(role),
+        add_bos=lm.add_bos,
+        batch_size=algorithm.config.eval.batch_size,
+        on_batch=lambda b, total: reporter.advance(b, total),
+    )
+    return [Metric(rnd, role, client, key, value) for key, value in result.summary().items()]
 
 
 def train_client_adapter(

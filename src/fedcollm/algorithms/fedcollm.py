@@ -26,9 +26,7 @@ class FedCoLLM(FedAvg):
         assert config.llm is not None
         check_same_tokenizer(llm.tokenizer, slm.tokenizer, f"FedCoLLM ({llm.name} vs {slm.name})")
         if not server.aux_requests:
-            raise ValueError(
-                "FedCoLLM needs an auxiliary set on the server: set task.aux_fraction > 0"
-            )
+            raise ValueError("FedCoLLM needs an auxiliary set on the server: set task.aux_fraction > 0")
         set_adapter(slm.model, aggregate)
         max_length = config.train.max_length
         reporter.phase(f"round {rnd} · server distillation ({len(server.aux_requests)} examples)")

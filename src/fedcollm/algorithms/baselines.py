@@ -1,0 +1,140 @@
+"""The FedCoLLM paper's baselines (§4.1): Zero-Shot, Standalone and Centralized.
+
+FedAvg, the fourth, is `fedcollm.algorithms.fedavg.FedAvg`. All reuse the same local training
+(`train_client_adapter`, `train_sft`) and evaluation as FedCoLLM, so a comparison differs only in
+what each method is allowed to see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedcollm.algorithms.base import Algorithm, evaluate_role, register, train_client_adapter
+from fedcollm.models import Arrays
+from fedcollm.runtime import (
+    ClientReply,
+    ClientRuntime,
+    Metric,
+    Payload,
+    Reporter,
+    ServerRuntime,
+    derive_seed,
+    encode_sft,
+    pad_id,
+)
+from fedcollm.train import train_sft
+
+
+@register
+class ZeroShot(Algorithm):
+    """No training at all: the models' accuracy as they come."""
+
+    name = "zeroshot"
+    uses_llm = True
+    uses_clients = False
+
+    def num_rounds(self) -> int:
+        return 0
+
+    def client_fit(
+        self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
+    ) -> ClientReply:
+        raise RuntimeError("Zero-Shot has no client step")
+
+    def server_update(
+        self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
+    ) -> list[Metric]:
+        return []
+
+
+@register
+class Standalone(Algorithm):
+    """Each client fine-tunes its own adapter on its own shard only; nothing is averaged.
+
+    The server only collects the adapters to evaluate them; accuracy is reported per client and
+    as the mean over clients (role "slm", client None), as the paper's Table 2 does.
+    """
+
+    name = "standalone"
+    secure_aggregation = False
+
+    def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
+        # Round 1 starts every client from the same initial adapter; afterwards each continues its own.
+        return Payload(arrays=server.global_adapter if rnd == 1 else {}, config={"round": rnd})
+
+    def client_fit(
+        self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
+    ) -> ClientReply:
+        start = client.state.get("adapter", payload.arrays)
+        if not start:
+            raise RuntimeError(f"client {client.client_id} lost its standalone adapter between rounds")
+        reply = train_client_adapter(self, client, Payload(start, payload.config), rnd, reporter)
+        client.state["adapter"] = reply.arrays
+        return reply
+
+    def aggregate_fit(self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int) -> Arrays:
+        server.state["client_adapters"] = {reply.client: reply.arrays for reply in replies}
+        return {}
+
+    def server_update(
+        self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
+    ) -> list[Metric]:
+        return []
+
+    def evaluate(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> list[Metric]:
+        adapters: dict[int, Arrays] = server.state.get("client_adapters", {})
+        if not adapters:  # before training every client holds the initial adapter
+            return super().evaluate(server, rnd, reporter)
+        metrics: list[Metric] = []
+        for client, adapter in sorted(adapters.items()):
+            metrics += evaluate_role(self, server, "slm", rnd, reporter, adapter, client=client)
+        keys = sorted({m.metric for m in metrics})
+        for key in keys:
+            values = [m.value for m in metrics if m.metric == key]
+            metrics.append(Metric(rnd, "slm", None, key, float(np.mean(values))))
+        return metrics
+
+
+@register
+class Centralized(Algorithm):
+    """The LLM fine-tuned on the union of every client's shard and the auxiliary set.
+
+    An upper bound that ignores privacy: one round is `train.epochs` epochs over the union.
+    """
+
+    name = "centralized"
+    uses_llm = True
+    uses_clients = False
+    secure_aggregation = False
+
+    def client_fit(
+        self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
+    ) -> ClientReply:
+        raise RuntimeError("Centralized has no client step")
+
+    def eval_roles(self, server: ServerRuntime) -> list[str]:
+        return [role for role in super().eval_roles(server) if role == "llm"]
+
+    def server_update(
+        self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
+    ) -> list[Metric]:
+        config = self.config
+        assert config.llm is not None
+        llm = server.model("llm")
+        if "union" not in server.state:
+            requests = server.data.requests(config)  # every training question: all shards + aux
+            server.state["union"] = encode_sft(llm, requests, config.train.max_length)
+        union = server.state["union"]
+        reporter.phase(f"round {rnd} · centralized training on {len(union)} examples")
+        result = train_sft(
+            llm.model,
+            union,
+            pad_id=pad_id(llm),
+            lr=config.llm.lr,
+            cfg=config.train,
+            seed=derive_seed(config.seed, rnd, 2),
+            on_step=reporter.step_callback(),
+        )
+        return [Metric(rnd, "llm", None, "train_loss", result.mean_loss)]
