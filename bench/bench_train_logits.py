@@ -43,12 +43,15 @@ def main() -> None:
     args = parser.parse_args()
     questions = load_questions("arc_easy", "train", limit=args.batch_size)
     requests = [render("arc_easy", q) for q in questions]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size} ARC-Easy prompts")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size} ARC-Easy prompts"
+    )
     print(f"{'model':<14} {'tokens':>6} {'targets':>7} {'full tok/s':>10} {'ours tok/s':>10} {'ratio':>6}")
     for name in args.models:
         lm = load_with_lora(name, LoraConfig(r=8, dropout=0.0), seed=0)
         items = [
-            encode_pair(lm.tokenizer, r.context, r.continuations[r.gold], add_bos=lm.add_bos) for r in requests
+            encode_pair(lm.tokenizer, r.context, r.continuations[r.gold], add_bos=lm.add_bos)
+            for r in requests
         ]
         batch = collate(items, lm.tokenizer.pad_token_id)
         tokens = int(batch.attention_mask.sum())
