@@ -44,7 +44,8 @@ def main() -> None:
     questions = load_questions("arc_easy", "train", limit=args.batch_size)
     requests = [render("arc_easy", q) for q in questions]
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size} ARC-Easy prompts"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch_size} ARC-Easy prompts"
     )
     print(f"{'model':<14} {'tokens':>6} {'targets':>7} {'full tok/s':>10} {'ours tok/s':>10} {'ratio':>6}")
     for name in args.models:
