@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
-from fedcollm.distill import TokenizerMismatchError, check_same_tokenizer, kd_loss, mutual_distill
+from fedcollm.distill import (
+    TokenizerMismatchError,
+    check_same_tokenizer,
+    kd_loss,
+    kd_loss_sparse,
+    mutual_distill,
+)
 from fedcollm.encoding import encode_pair
 from fedcollm.models import get_adapter, load_with_lora
 
@@ -80,3 +86,21 @@ def test_different_tokenizers_stop_with_alignment_message(tiny_llama: Path) -> N
     b = make_tokenizer(tiny_llama.parent / "other-tok", vocab_size=280)
     with pytest.raises(TokenizerMismatchError, match="token alignment is needed"):
         check_same_tokenizer(a, b, "test")
+
+
+def test_sparse_kd_with_the_whole_vocabulary_equals_dense_kd() -> None:
+    torch.manual_seed(2)
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    ids = torch.arange(5).repeat(3, 1)
+    torch.testing.assert_close(kd_loss_sparse(s, ids, t, temperature=2.0), kd_loss(s, t, temperature=2.0))
+
+
+def test_sparse_kd_with_a_one_hot_teacher_is_cross_entropy_and_ignores_padding() -> None:
+    torch.manual_seed(3)
+    s = torch.randn(2, 6)
+    ids = torch.tensor([[4, -1, -1], [1, -1, -1]])
+    vals = torch.tensor([[0.0, float("-inf"), float("-inf")], [0.0, 7.0, 7.0]])
+    expected = torch.nn.functional.cross_entropy(s, torch.tensor([4, 1]))
+    torch.testing.assert_close(kd_loss_sparse(s, ids, vals), expected)
+    with pytest.raises(ValueError, match="empty distribution"):
+        kd_loss_sparse(s, torch.full((2, 3), -1), vals)

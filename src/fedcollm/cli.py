@@ -60,9 +60,7 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key: --set federation.rounds=2")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Run folder (default: runs/<config name>).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
 ) -> None:
     """Run an experiment on the embedded engine and write its run folder."""
@@ -109,13 +107,9 @@ def eval_(
     task: Annotated[str, typer.Option(help="Task name, e.g. arc_easy.")],
     adapter: Annotated[Path | None, typer.Option(help="A peft adapter folder to apply.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "validation",
-    limit: Annotated[
-        int | None, typer.Option(help="Evaluate a seeded subset of N questions.")
-    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate a seeded subset of N questions.")] = None,
     source: Annotated[str, typer.Option(help='"auto", "olmo", "hub" or a JSONL path.')] = "auto",
-    format_: Annotated[
-        str, typer.Option("--format", help='"lm_eval" or "answer_text".')
-    ] = "lm_eval",
+    format_: Annotated[str, typer.Option("--format", help='"lm_eval" or "answer_text".')] = "lm_eval",
     seed: int = 0,
     batch_size: int = 16,
 ) -> None:

@@ -63,6 +63,22 @@ class TaskConfig(_Section):
 class FederationConfig(_Section):
     rounds: int = Field(3, ge=1, description="Communication rounds T.")
     num_clients: int = Field(4, ge=1, description="Number of clients K.")
+    client_models: list[str] = Field(
+        default_factory=list,
+        description="Each client's own SLM (FedMKT allows mixed families); empty = all use slm.name.",
+    )
+
+    @model_validator(mode="after")
+    def _one_model_per_client(self) -> FederationConfig:
+        if self.client_models and len(self.client_models) != self.num_clients:
+            raise ValueError(
+                f"client_models names {len(self.client_models)} models for num_clients={self.num_clients}"
+            )
+        return self
+
+    def client_model(self, client: int, default: str) -> str:
+        """The SLM name client `client` trains."""
+        return self.client_models[client] if self.client_models else default
 
 
 class TrainConfig(_Section):
@@ -70,9 +86,7 @@ class TrainConfig(_Section):
 
     epochs: int = Field(1, ge=1, description="Local epochs E per round.")
     batch_size: int = Field(4, ge=1)
-    max_length: int = Field(
-        256, ge=8, description="Longest token sequence; longer ones are cut on the left."
-    )
+    max_length: int = Field(256, ge=8, description="Longest token sequence; longer ones are cut on the left.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
@@ -84,9 +98,7 @@ class DistillConfig(_Section):
 
     epochs: int = Field(1, ge=1, description="Distillation epochs R per round.")
     kd_weight: float = Field(1.0, ge=0, description="lambda: weight of the KL term.")
-    temperature: float = Field(
-        1.0, gt=0, description="Softmax temperature of both sides of the KL."
-    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both sides of the KL.")
     batch_size: int = Field(4, ge=1)
 
 
@@ -124,9 +136,7 @@ class ExperimentConfig(_Section):
         from fedcollm.algorithms import ALGORITHMS
 
         if value not in ALGORITHMS:
-            raise ValueError(
-                f"unknown algorithm {value!r}; available: {', '.join(sorted(ALGORITHMS))}"
-            )
+            raise ValueError(f"unknown algorithm {value!r}; available: {', '.join(sorted(ALGORITHMS))}")
         return value
 
     @model_validator(mode="after")
@@ -175,9 +185,7 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
         if err["type"] == "extra_forbidden":
             valid = _field_names(ExperimentConfig, loc)
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = (
-                f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
-            )
+            hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
             lines.append(f"  - unknown key {key!r}{hint}; valid keys here: {', '.join(valid)}")
         else:
             given = err.get("input")

@@ -52,6 +52,32 @@ def kd_loss(
     return kl.mean() * temperature**2
 
 
+def kd_loss_sparse(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_values: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """KL(p_teacher || p_student) where the teacher is a top-K distribution in the student's vocabulary.
+
+    `student_logits` [P, V]; `teacher_ids` [P, K] student-vocabulary ids (-1 = padding) and
+    `teacher_values` [P, K] their logits (padding ignored). The teacher distribution is the
+    softmax of its K logits (what survives of it after top-K and token alignment); the student
+    keeps its full softmax. A one-hot teacher row (one valid entry) reduces to cross-entropy.
+    Every row must hold at least one valid entry.
+    """
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    valid = teacher_ids >= 0
+    if not bool(valid.any(dim=1).all()):
+        raise ValueError("a teacher row has no valid entry (empty distribution)")
+    t_logits = teacher_values.detach().float().masked_fill(~valid, float("-inf")) / temperature
+    t_logp = torch.log_softmax(t_logits, dim=-1)
+    s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, teacher_ids.clamp(min=0))
+    terms = torch.where(valid, t_logp.exp() * (t_logp - s_logp), torch.zeros_like(s_logp))
+    return terms.sum(-1).mean() * temperature**2
+
+
 def check_same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, what: str) -> None:
     """Refuse position-wise distillation between models whose vocabularies differ."""
     if a.get_vocab() != b.get_vocab():

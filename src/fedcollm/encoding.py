@@ -53,9 +53,7 @@ def encode_pair(
     n_context = len(ctx)
     if n_context == 0:
         # lm-eval scores an empty context after a prefix token (EOT); do the same.
-        prefix = (
-            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        )
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         whole, n_context = [prefix, *whole], 1
     if n_context >= len(whole):
         raise ValueError(f"continuation {continuation!r} encodes to no tokens after its context")

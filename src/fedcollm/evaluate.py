@@ -79,9 +79,7 @@ def encode_requests(
     for q, request in enumerate(requests):
         for continuation in request.continuations:
             sequences.append(
-                encode_pair(
-                    tokenizer, request.context, continuation, add_bos=add_bos, max_length=max_length
-                )
+                encode_pair(tokenizer, request.context, continuation, add_bos=add_bos, max_length=max_length)
             )
             question_of.append(q)
     return EncodedRequests(tuple(sequences), tuple(question_of), tuple(requests))

@@ -19,6 +19,18 @@ class Transport(Protocol):
 
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]: ...
 
+    def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]: ...
+
+
+def _evaluate(
+    algorithm: Algorithm, server: ServerRuntime, transport: Transport, rnd: int, reporter: Reporter
+):
+    metrics = algorithm.evaluate(server, rnd, reporter)
+    if algorithm.evaluates_on_clients:
+        replies = sorted(transport.evaluate(Payload({}, {"round": rnd}), rnd), key=lambda r: r.client)
+        metrics += algorithm.aggregate_evaluate(replies, rnd)
+    return metrics
+
 
 def run_rounds(
     algorithm: Algorithm,
@@ -29,7 +41,7 @@ def run_rounds(
 ) -> None:
     """Evaluate before training, then T rounds of fit -> aggregate -> server step -> evaluate."""
     config = algorithm.config
-    recorder.record(algorithm.evaluate(server, 0, reporter))
+    recorder.record(_evaluate(algorithm, server, transport, 0, reporter))
     rounds = algorithm.num_rounds()
     for rnd in range(1, rounds + 1):
         reporter.message(f"round {rnd}/{rounds}")
@@ -42,5 +54,5 @@ def run_rounds(
             aggregate = algorithm.aggregate_fit(server, replies, rnd)
         recorder.record(algorithm.server_update(server, aggregate, rnd, reporter))
         if config.eval.every_round or rnd == rounds:
-            recorder.record(algorithm.evaluate(server, rnd, reporter))
+            recorder.record(_evaluate(algorithm, server, transport, rnd, reporter))
     recorder.finish(algorithm, server)

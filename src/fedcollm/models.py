@@ -144,9 +144,7 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json")
         return str(path)
-    looks_like_path = (
-        name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
-    )
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
     if looks_like_path or name.count("/") != 1:
         raise ModelError(
             f"unknown model {name!r}: not an offline alias ({', '.join(sorted(ALIASES))}), "
@@ -247,18 +245,14 @@ def set_adapter(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
             raise ValueError(
                 f"adapter {key}: shape {tuple(value.shape)} != expected {tuple(expected[key].shape)}"
             )
-    state = {
-        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()
-    }
+    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter keys not consumed by the model: {unexpected[:3]}")
 
 
-def save_adapter(
-    model: PeftModel, folder: Path, arrays: Mapping[str, np.ndarray] | None = None
-) -> None:
+def save_adapter(model: PeftModel, folder: Path, arrays: Mapping[str, np.ndarray] | None = None) -> None:
     """Save an adapter in peft format (loadable with `PeftModel.from_pretrained`)."""
     if arrays is not None:
         set_adapter(model, arrays)
@@ -303,9 +297,7 @@ def needs_bos(model: PreTrainedModel | PeftModel) -> bool:
     return str(model.config.model_type).startswith("gemma")
 
 
-def load_with_lora(
-    name: str, lora: LoraConfig, seed: int, dtype: torch.dtype = torch.float32
-) -> LoadedModel:
+def load_with_lora(name: str, lora: LoraConfig, seed: int, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a base model and its tokenizer and attach a fresh LoRA adapter."""
     tokenizer = load_tokenizer(name)
     base = load_base_model(name, dtype=dtype)

@@ -74,9 +74,7 @@ class CommunicationLedger:
             "table3": {
                 "full_model_params_M": full_model_params / 1e6,
                 "transmitted_params_M": adapter_params / 1e6,
-                "param_percent": 100.0 * adapter_params / full_model_params
-                if full_model_params
-                else None,
+                "param_percent": 100.0 * adapter_params / full_model_params if full_model_params else None,
             },
             "rounds": rounds,
             "total_bytes": sum(r["down_bytes"] + r["up_bytes"] for r in rounds),
@@ -143,9 +141,7 @@ def _accuracy(metrics: Sequence[Metric], role: str, rnd: int, key: str) -> float
     return None
 
 
-def results_markdown(
-    config: ExperimentConfig, metrics: Sequence[Metric], comm: dict[str, Any]
-) -> str:
+def results_markdown(config: ExperimentConfig, metrics: Sequence[Metric], comm: dict[str, Any]) -> str:
     """Accuracy before training and after the last round, per model, as a markdown table."""
     evaluated = sorted({m.round for m in metrics if m.metric == "acc"})
     last = evaluated[-1] if evaluated else 0
@@ -168,9 +164,7 @@ def results_markdown(
                 value = _accuracy(metrics, role, rnd, key)
                 err = _accuracy(metrics, role, rnd, f"{key}_stderr")
                 cells.append(
-                    f"{100 * value:.1f} ± {100 * err:.1f}"
-                    if value is not None and err is not None
-                    else "-"
+                    f"{100 * value:.1f} ± {100 * err:.1f}" if value is not None and err is not None else "-"
                 )
         lines.append(
             f"| {role.upper()} | {names[role]} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |"

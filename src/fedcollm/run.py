@@ -9,7 +9,14 @@ from fedcollm.config import ExperimentConfig
 from fedcollm.engines.local import InProcessTransport
 from fedcollm.loop import run_rounds
 from fedcollm.recording import RunRecorder
-from fedcollm.runtime import ClientRuntime, ExperimentData, Reporter, ServerRuntime, load_models
+from fedcollm.runtime import (
+    ClientRuntime,
+    ExperimentData,
+    Reporter,
+    ServerRuntime,
+    load_client_models,
+    load_models,
+)
 
 
 def run_experiment(
@@ -28,10 +35,7 @@ def run_experiment(
     reporter.phase("loading models")
     slm, llm = load_models(config, with_llm=algorithm.uses_llm)
     server = ServerRuntime.create(config, data, slm, llm)
-    clients = [
-        ClientRuntime.create(config, data, k, slm) for k in range(config.federation.num_clients)
-    ]
-    run_rounds(
-        algorithm, server, InProcessTransport(algorithm, clients, reporter), recorder, reporter
-    )
+    client_models = load_client_models(config, slm)
+    clients = [ClientRuntime.create(config, data, k, lm) for k, lm in enumerate(client_models)]
+    run_rounds(algorithm, server, InProcessTransport(algorithm, clients, reporter), recorder, reporter)
     return recorder

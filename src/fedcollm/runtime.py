@@ -119,9 +119,7 @@ class ExperimentData:
         chosen = sample_indices(len(pool), config.eval.limit, config.seed)
         return cls(tuple(train), split, tuple(pool[i] for i in chosen))
 
-    def requests(
-        self, config: ExperimentConfig, indices: tuple[int, ...] | None = None
-    ) -> list[MCRequest]:
+    def requests(self, config: ExperimentConfig, indices: tuple[int, ...] | None = None) -> list[MCRequest]:
         questions = self.train if indices is None else [self.train[i] for i in indices]
         return [render(config.task.name, q, config.task.format) for q in questions]
 
@@ -161,6 +159,7 @@ class ClientRuntime:
     slm: LoadedModel
     train: list[Encoded]
     requests: list[MCRequest]
+    eval_requests: list[MCRequest] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -168,7 +167,24 @@ class ClientRuntime:
         cls, config: ExperimentConfig, data: ExperimentData, client_id: int, slm: LoadedModel
     ) -> ClientRuntime:
         requests = data.client_requests(config, client_id)
-        return cls(client_id, slm, encode_sft(slm, requests, config.train.max_length), requests)
+        return cls(
+            client_id,
+            slm,
+            encode_sft(slm, requests, config.train.max_length),
+            requests,
+            eval_requests=data.eval_requests(config),
+        )
+
+    def encoded_eval(self, config: ExperimentConfig) -> EncodedRequests:
+        """The public evaluation set in this client's tokenisation, encoded once."""
+        if "encoded_eval" not in self.state:
+            self.state["encoded_eval"] = encode_requests(
+                self.slm.tokenizer,
+                self.eval_requests,
+                add_bos=self.slm.add_bos,
+                max_length=config.train.max_length,
+            )
+        return self.state["encoded_eval"]
 
 
 @dataclass
@@ -221,6 +237,19 @@ class ServerRuntime:
         if self.llm is None:
             raise ValueError("this experiment has no LLM")
         return self.llm
+
+
+def load_client_models(config: ExperimentConfig, slm: LoadedModel) -> list[LoadedModel]:
+    """Each client's SLM; clients naming the same model share one loaded copy (only adapters differ)."""
+    loaded = {slm.name: slm}
+    dtype = torch_dtype(config.dtype)
+    out = []
+    for k in range(config.federation.num_clients):
+        name = config.federation.client_model(k, config.slm.name)
+        if name not in loaded:
+            loaded[name] = load_with_lora(name, config.slm.lora, derive_seed(config.seed, 1), dtype)
+        out.append(loaded[name])
+    return out
 
 
 def load_models(config: ExperimentConfig, with_llm: bool) -> tuple[LoadedModel, LoadedModel | None]:

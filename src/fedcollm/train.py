@@ -94,6 +94,4 @@ def train_sft(
             if on_step is not None:
                 on_step(len(losses), total, losses[-1])
     model.eval()
-    return TrainResult(
-        steps=len(losses), mean_loss=float(np.mean(losses)), num_examples=len(examples)
-    )
+    return TrainResult(steps=len(losses), mean_loss=float(np.mean(losses)), num_examples=len(examples))

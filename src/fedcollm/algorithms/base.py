@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
+
 from fedcollm.aggregate import weighted_mean
 from fedcollm.config import ExperimentConfig
 from fedcollm.evaluate import evaluate
@@ -48,6 +50,8 @@ class Algorithm(ABC):
     """Whether rounds involve the clients (Centralized and Zero-Shot train or do nothing alone)."""
     secure_aggregation: ClassVar[bool] = True
     """Whether `aggregate_fit` is a weighted mean that secure aggregation may compute instead."""
+    evaluates_on_clients: ClassVar[bool] = False
+    """Whether clients evaluate their own SLMs (when the server never holds their adapters)."""
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
@@ -84,10 +88,49 @@ class Algorithm(ABC):
             metrics += evaluate_role(self, server, role, rnd, reporter, adapter)
         return metrics
 
+    def client_evaluate(
+        self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
+    ) -> ClientReply:
+        """A client scores its own SLM (its current adapter) on the public evaluation set."""
+        if "adapter" in client.state:
+            set_adapter(client.slm.model, client.state["adapter"])
+        reporter.phase(f"round {rnd} · client {client.client_id} evaluating its {client.slm.name}")
+        result = evaluate(
+            client.slm.model,
+            client.slm.tokenizer,
+            client.encoded_eval(self.config),
+            add_bos=client.slm.add_bos,
+            batch_size=self.config.eval.batch_size,
+            on_batch=lambda b, total: reporter.advance(b, total),
+        )
+        return ClientReply(client.client_id, {}, result.n, result.summary())
+
+    def aggregate_evaluate(self, replies: Sequence[ClientReply], rnd: int) -> list[Metric]:
+        """Per-client SLM accuracy and its mean over clients (role "slm", client None)."""
+        metrics = [
+            Metric(rnd, "slm", r.client, key, value) for r in replies for key, value in r.metrics.items()
+        ]
+        return metrics + mean_over_clients(metrics, rnd)
+
     def eval_roles(self, server: ServerRuntime) -> list[str]:
         """The configured models to evaluate that this algorithm has."""
         have = {"slm": True, "llm": self.uses_llm and server.llm is not None}
         return [role for role in self.config.eval.models if have[role]]
+
+
+def mean_over_clients(metrics: Sequence[Metric], rnd: int, role: str = "slm") -> list[Metric]:
+    """The mean of each per-client metric, as the paper reports clients' SLMs."""
+    keys = sorted({m.metric for m in metrics if m.client is not None})
+    return [
+        Metric(
+            rnd,
+            role,
+            None,
+            key,
+            float(np.mean([m.value for m in metrics if m.metric == key and m.client is not None])),
+        )
+        for key in keys
+    ]
 
 
 def evaluate_role(

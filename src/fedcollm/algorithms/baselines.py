@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from fedcollm.algorithms.base import Algorithm, evaluate_role, register, train_client_adapter
+from fedcollm.algorithms.base import (
+    Algorithm,
+    evaluate_role,
+    mean_over_clients,
+    register,
+    train_client_adapter,
+)
 from fedcollm.models import Arrays
 from fedcollm.runtime import (
     ClientReply,
@@ -90,11 +94,7 @@ class Standalone(Algorithm):
         metrics: list[Metric] = []
         for client, adapter in sorted(adapters.items()):
             metrics += evaluate_role(self, server, "slm", rnd, reporter, adapter, client=client)
-        keys = sorted({m.metric for m in metrics})
-        for key in keys:
-            values = [m.value for m in metrics if m.metric == key]
-            metrics.append(Metric(rnd, "slm", None, key, float(np.mean(values))))
-        return metrics
+        return metrics + mean_over_clients(metrics, rnd)
 
 
 @register

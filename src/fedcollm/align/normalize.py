@@ -57,9 +57,7 @@ def _backend_flags(tokenizer: Any) -> tuple[bool, bool]:
         return hasattr(tokenizer, "byte_decoder"), True
     described = f"{backend.decoder!r} {backend.pre_tokenizer!r}"
     byte_level = "ByteLevel" in described
-    byte_fallback = bool(getattr(backend.model, "byte_fallback", False)) or (
-        "ByteFallback" in described
-    )
+    byte_fallback = bool(getattr(backend.model, "byte_fallback", False)) or ("ByteFallback" in described)
     return byte_level, byte_fallback
 
 

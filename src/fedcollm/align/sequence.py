@@ -38,9 +38,7 @@ def dtw_path(src_tokens: Sequence[str], dst_tokens: Sequence[str]) -> np.ndarray
     n, m = len(src_tokens), len(dst_tokens)
     if n == 0 or m == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    cost = cdist(
-        list(src_tokens), list(dst_tokens), scorer=Levenshtein.distance, dtype=np.int32, workers=1
-    )
+    cost = cdist(list(src_tokens), list(dst_tokens), scorer=Levenshtein.distance, dtype=np.int32, workers=1)
     back = np.zeros((n, m), dtype=np.int8)  # 0 diagonal, 1 up (i-1), 2 left (j-1)
     # Padded DP: D[i][j] for i in 0..n, j in 0..m, kept as the last two anti-diagonals indexed
     # by i. D[0][0] = 0 and the rest of row/column 0 is infinite.
@@ -222,6 +220,4 @@ def align_topk_for_text(
     """
     src_ids = src_tok(text, add_special_tokens=add_special_tokens)["input_ids"]
     dst_ids = dst_tok(text, add_special_tokens=add_special_tokens)["input_ids"]
-    return align_topk_for_ids(
-        src_ids, dst_ids, src_tok, dst_tok, src_topk_ids, src_topk_vals, vocab_map
-    )
+    return align_topk_for_ids(src_ids, dst_ids, src_tok, dst_tok, src_topk_ids, src_topk_vals, vocab_map)

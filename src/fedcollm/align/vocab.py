@@ -90,9 +90,7 @@ def _direction(
     return mapping
 
 
-def _load_or_build(
-    path: Path | None, build: Any, expected_len: int, progress: bool, what: str
-) -> np.ndarray:
+def _load_or_build(path: Path | None, build: Any, expected_len: int, progress: bool, what: str) -> np.ndarray:
     if path is not None and path.is_file():
         arr = np.load(path)
         if arr.shape == (expected_len,) and arr.dtype == np.int64:

@@ -56,9 +56,7 @@ def get_format(name: str) -> PromptFormat:
     try:
         return FORMATS[name]
     except KeyError:
-        raise DataError(
-            f"unknown prompt format {name!r}; available formats: {', '.join(FORMATS)}"
-        ) from None
+        raise DataError(f"unknown prompt format {name!r}; available formats: {', '.join(FORMATS)}") from None
 
 
 def render(task: str, question: MCQuestion, fmt: str = "lm_eval") -> MCRequest:

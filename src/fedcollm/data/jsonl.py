@@ -80,9 +80,7 @@ def read_jsonl_questions(path: Path, limit: int | None = None) -> list[MCQuestio
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
-                    ) from exc
+                    raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
                 questions.append(parse_jsonl_record(record, f"{stem}-{lineno}", where))
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
         raise DataError(f"question file {path} is not readable UTF-8 JSONL: {exc}") from exc

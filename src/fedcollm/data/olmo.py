@@ -100,7 +100,5 @@ class OlmoSource:
             )
         path = olmo_requests_path(root, task, split)
         if not path.is_file():
-            raise DataError(
-                f"task {task.name!r} split {split!r}: OLMo package data file {path} is missing"
-            )
+            raise DataError(f"task {task.name!r} split {split!r}: OLMo package data file {path} is missing")
         return read_olmo_requests(path, limit)

@@ -33,9 +33,7 @@ class Partition:
 class ClientScheme(Protocol):
     """Builds the flwr-datasets partitioner that spreads the non-aux items over clients."""
 
-    def partitioner(
-        self, num_clients: int, alpha: float, seed: int, min_client_size: int
-    ) -> "Partitioner":
+    def partitioner(self, num_clients: int, alpha: float, seed: int, min_client_size: int) -> "Partitioner":
         """A fresh partitioner for ``num_clients`` clients."""
         ...
 
@@ -48,9 +46,7 @@ class IidScheme:
     random order, so the shards are IID samples.
     """
 
-    def partitioner(
-        self, num_clients: int, alpha: float, seed: int, min_client_size: int
-    ) -> "Partitioner":
+    def partitioner(self, num_clients: int, alpha: float, seed: int, min_client_size: int) -> "Partitioner":
         """An ``IidPartitioner`` (alpha, seed and min size do not apply)."""
         from flwr_datasets.partitioner import IidPartitioner
 
@@ -61,9 +57,7 @@ class IidScheme:
 class DirichletScheme:
     """Label-skewed shards: per label, client shares ~ Dirichlet(alpha); small alpha, more skew."""
 
-    def partitioner(
-        self, num_clients: int, alpha: float, seed: int, min_client_size: int
-    ) -> "Partitioner":
+    def partitioner(self, num_clients: int, alpha: float, seed: int, min_client_size: int) -> "Partitioner":
         """A seeded ``DirichletPartitioner`` over the gold-label column."""
         from flwr_datasets.partitioner import DirichletPartitioner
 
@@ -99,9 +93,7 @@ def partition(
     smallest shard the Dirichlet scheme accepts. Same arguments, same partition.
     """
     if scheme not in SCHEMES:
-        raise DataError(
-            f"unknown partition scheme {scheme!r}; available schemes: {', '.join(SCHEMES)}"
-        )
+        raise DataError(f"unknown partition scheme {scheme!r}; available schemes: {', '.join(SCHEMES)}")
     if not 0 <= aux_fraction < 1:
         raise DataError(f"aux_fraction must be in [0, 1), got {aux_fraction}")
     if num_clients < 1:
@@ -133,17 +125,14 @@ def _client_shards(
     import datasets
 
     rest_list = rest.tolist()
-    table = datasets.Dataset.from_dict(
-        {_INDEX: rest_list, _LABEL: [int(labels[i]) for i in rest_list]}
-    )
+    table = datasets.Dataset.from_dict({_INDEX: rest_list, _LABEL: [int(labels[i]) for i in rest_list]})
     partitioner = SCHEMES[scheme].partitioner(num_clients, alpha, seed, min_client_size)
     partitioner.dataset = table
     try:
         with warnings.catch_warnings():  # flwr warns on every Dirichlet resampling attempt
             warnings.simplefilter("ignore", UserWarning)
             return tuple(
-                tuple(sorted(partitioner.load_partition(client)[_INDEX]))
-                for client in range(num_clients)
+                tuple(sorted(partitioner.load_partition(client)[_INDEX])) for client in range(num_clients)
             )
     except ValueError as exc:
         if isinstance(exc, DataError):

@@ -38,8 +38,7 @@ class TaskSpec:
         reason = self.missing_splits.get(split)
         detail = f" ({reason})" if reason else ""
         raise DataError(
-            f"task {self.name!r} has no split {split!r}{detail}; "
-            f"available splits: {', '.join(self.splits)}"
+            f"task {self.name!r} has no split {split!r}{detail}; available splits: {', '.join(self.splits)}"
         )
 
 

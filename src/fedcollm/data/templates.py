@@ -78,9 +78,7 @@ class LetteredChoicesTemplate:
                 f"{len(letters)} available letters"
             )
         labels = tuple(letters[: len(question.choices)])
-        options = "".join(
-            f"\n{label}. {text}" for label, text in zip(labels, question.choices, strict=True)
-        )
+        options = "".join(f"\n{label}. {text}" for label, text in zip(labels, question.choices, strict=True))
         return MCRequest(
             id=question.id,
             context=f"Question: {question.question.strip()}{options}\nAnswer:",

@@ -23,8 +23,7 @@ class MCQuestion:
             raise DataError(f"question {self.id!r}: needs at least 2 choices, got {self.choices}")
         if not 0 <= self.gold < len(self.choices):
             raise DataError(
-                f"question {self.id!r}: gold {self.gold} is out of range "
-                f"for {len(self.choices)} choices"
+                f"question {self.id!r}: gold {self.gold} is out of range for {len(self.choices)} choices"
             )
 
 
@@ -51,6 +50,5 @@ class MCRequest:
             )
         if not 0 <= self.gold < len(self.continuations):
             raise DataError(
-                f"request {self.id!r}: gold {self.gold} is out of range "
-                f"for {len(self.continuations)} choices"
+                f"request {self.id!r}: gold {self.gold} is out of range for {len(self.continuations)} choices"
             )

@@ -13,15 +13,15 @@ from fedcollm.runtime import ClientReply, ClientRuntime, Payload, Reporter
 class InProcessTransport:
     """Calls each client's `client_fit` directly, in client order."""
 
-    def __init__(
-        self, algorithm: Algorithm, clients: list[ClientRuntime], reporter: Reporter
-    ) -> None:
+    def __init__(self, algorithm: Algorithm, clients: list[ClientRuntime], reporter: Reporter) -> None:
         self.algorithm = algorithm
         self.clients = clients
         self.reporter = reporter
 
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
+        return [self.algorithm.client_fit(client, payload, rnd, self.reporter) for client in self.clients]
+
+    def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]:
         return [
-            self.algorithm.client_fit(client, payload, rnd, self.reporter)
-            for client in self.clients
+            self.algorithm.client_evaluate(client, payload, rnd, self.reporter) for client in self.clients
         ]

@@ -1,0 +1,371 @@
+"""The server side of the Flower engine: a `Transport` that moves rounds over a Flower `Grid`.
+
+The round loop (`fedcollm.loop.run_rounds`) runs inside the ServerApp and calls this transport
+exactly as it calls the embedded one. `fit` returns every client's reply; `fit_aggregate` runs
+the round under SecAgg+ and returns only the weighted mean, which the loop hands to the
+algorithm's server step (for FedCoLLM: the distillation runs on the securely aggregated adapter).
+
+SuperNodes are told which client they are by their node config (`partition-id`,
+`num-partitions`); the transport asks each new node once (`query.hello`) and checks that the K
+nodes cover partitions 0..K-1 exactly once. A node that fails or disappears during a round is
+left out of that round (and recorded by the loop as dropped out) as long as `min_clients`
+remain; nodes that come back are used again from the next round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import WARNING
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedcollm.engines.flower import records
+from fedcollm.engines.flower.options import FlowerEngineError, FlowerOptions
+from fedcollm.engines.flower.secagg import (
+    ClientStats,
+    SecAggSettings,
+    check_aggregate,
+    derive_settings,
+)
+
+if TYPE_CHECKING:
+    from fedcollm.config import ExperimentConfig
+    from fedcollm.loop import SecureAggregate
+    from fedcollm.runtime import ClientReply, Payload, Reporter
+
+
+class FlowerTransport:
+    """Sends `train.local` messages to the SuperNodes; optionally aggregates with SecAgg+."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        config: ExperimentConfig,
+        options: FlowerOptions,
+        reporter: Reporter | None = None,
+    ) -> None:
+        from fedcollm.runtime import Reporter
+
+        self.grid = grid
+        self.config = config
+        self.options = options
+        self.reporter = reporter or Reporter()
+        self.experiment = config.to_toml()
+        self.num_clients = config.federation.num_clients
+        self.clients: dict[int, int] = {}
+        """node id -> client id, for nodes that said hello."""
+        self.failures: dict[int, dict[int, str]] = {}
+        """round -> client id -> why it is missing from that round."""
+        self.secagg_settings: dict[int, SecAggSettings] = {}
+        self.secagg_error: dict[int, float] = {}
+
+    @property
+    def secure(self) -> bool:
+        return self.options.secagg
+
+    # ---------------------------------------------------------------------------------------
+    # Nodes
+
+    def connect(self) -> None:
+        """Wait until K SuperNodes covering partitions 0..K-1 are connected."""
+        deadline = time.monotonic() + self.options.connect_timeout
+        self.reporter.phase(f"waiting for {self.num_clients} SuperNodes")
+        while True:
+            self._discover()
+            present = sorted(set(self.clients.values()))
+            self.reporter.advance(len(present), self.num_clients)
+            if len(present) == self.num_clients:
+                return
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.num_clients)) - set(present))
+                raise FlowerEngineError(
+                    f"only {len(present)} of {self.num_clients} SuperNodes connected within "
+                    f"{self.options.connect_timeout:.0f} s (missing partition-id {missing}); "
+                    "start one SuperNode per client with --node-config "
+                    f"'partition-id=<k> num-partitions={self.num_clients}'"
+                )
+            time.sleep(0.5)
+
+    def _discover(self) -> None:
+        online = set(self.grid.get_node_ids())
+        for node in set(self.clients) - online:
+            del self.clients[node]
+        new = sorted(online - set(self.clients))
+        if not new:
+            return
+        hello = [Message(RecordDict({}), dst_node_id=node, message_type=records.HELLO) for node in new]
+        for reply in self.grid.send_and_receive(hello, timeout=60.0):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise FlowerEngineError(
+                    f"SuperNode {node} failed to say which client it is: {reply.error.reason}"
+                )
+            info = reply.content.config_records[records.RUN]
+            client, declared = int(info["client"]), int(info["num_clients"])
+            if declared != self.num_clients or not 0 <= client < self.num_clients:
+                raise FlowerEngineError(
+                    f"SuperNode {node} has node config partition-id={client} "
+                    f"num-partitions={declared}, but the experiment has "
+                    f"{self.num_clients} clients (partition-id 0..{self.num_clients - 1})"
+                )
+            twin = [n for n, c in self.clients.items() if c == client and n in online]
+            if twin:
+                raise FlowerEngineError(
+                    f"SuperNodes {twin[0]} and {node} both have partition-id={client}; give "
+                    "every SuperNode its own partition-id"
+                )
+            self.clients[node] = client
+
+    def _targets(self, rnd: int) -> dict[int, int]:
+        self._discover()
+        targets = dict(sorted(self.clients.items(), key=lambda item: item[1]))
+        absent = set(range(self.num_clients)) - set(targets.values())
+        for client in sorted(absent):
+            self._fail(rnd, client, "SuperNode not connected at the start of the round")
+        return targets
+
+    def _fail(self, rnd: int, client: int, reason: str) -> None:
+        self.failures.setdefault(rnd, {})[client] = reason
+        self.reporter.message(f"round {rnd}: client {client} dropped out ({reason})")
+
+    def _require(self, rnd: int, count: int, needed: int, what: str) -> None:
+        if count >= needed:
+            return
+        reasons = "; ".join(f"client {c}: {why}" for c, why in sorted(self.failures.get(rnd, {}).items()))
+        raise FlowerEngineError(
+            f"round {rnd}: only {count} client(s) {what}, fewer than the {needed} needed "
+            f"(min-clients={self.options.min_clients}). {reasons}"
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # Local training
+
+    def _train(self, payload: Payload, rnd: int, *, hold: bool) -> list[tuple[int, records.TrainResult]]:
+        targets = self._targets(rnd)
+        request = records.TrainRequest(
+            rnd=rnd,
+            experiment=self.experiment,
+            arrays=payload.arrays,
+            config=dict(payload.config),
+            hold=hold,
+        )
+        messages = [
+            Message(
+                request.to_record(),
+                dst_node_id=node,
+                message_type=records.TRAIN_LOCAL,
+                group_id=str(rnd),
+            )
+            for node in targets
+        ]
+        self.reporter.phase(f"round {rnd} · {len(messages)} clients training on their SuperNodes")
+        timeout = self.options.round_timeout or None
+        results: list[tuple[int, records.TrainResult]] = []
+        answered: set[int] = set()
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            client = targets.get(node)
+            # Error replies generated by the SuperLink (e.g. node unavailable) name the
+            # SuperLink as source; match them to the message they answer instead.
+            if client is None:
+                client = _client_of_error(reply, messages, targets)
+            if client is None:
+                continue
+            answered.add(client)
+            if reply.has_error():
+                self._fail(rnd, client, _reason(reply))
+                continue
+            result = records.TrainResult.from_record(reply.content)
+            if result.client != client:
+                raise FlowerEngineError(
+                    f"SuperNode {node} answered as client {result.client}, said hello as {client}"
+                )
+            results.append((node, result))
+        for client in sorted(set(targets.values()) - answered):
+            self._fail(rnd, client, "no reply before the round timeout")
+        results.sort(key=lambda item: item[1].client)
+        return results
+
+    def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
+        from fedcollm.runtime import ClientReply
+
+        results = self._train(payload, rnd, hold=False)
+        self._require(rnd, len(results), self.options.min_clients, "sent an update")
+        return [
+            ClientReply(client=r.client, arrays=r.arrays, num_examples=r.num_examples, metrics=r.metrics)
+            for _, r in results
+        ]
+
+    # ---------------------------------------------------------------------------------------
+    # Secure aggregation
+
+    def fit_aggregate(self, payload: Payload, rnd: int) -> SecureAggregate:
+        from fedcollm.loop import SecureAggregate
+        from fedcollm.runtime import ClientReply
+
+        results = self._train(payload, rnd, hold=True)
+        self._require(rnd, len(results), self.options.min_clients, "trained")
+        names = list(payload.arrays)
+        for _, r in results:
+            if r.names != names:
+                raise FlowerEngineError(
+                    f"client {r.client} holds adapter names that differ from the global "
+                    f"adapter's ({r.names[:2]}... vs {names[:2]}...); SecAgg+ needs the same layout"
+                )
+        stats = [ClientStats(node, r.client, r.num_examples, r.bound) for node, r in results]
+        settings = derive_settings(stats, self.options)
+        self.secagg_settings[rnd] = settings
+        self.reporter.phase(f"round {rnd} · SecAgg+ over {len(stats)} clients")
+        mean, included = run_secagg(self.grid, stats, settings, rnd, self.options)
+        by_node = dict(results)
+        for node, result in results:
+            if node not in included:
+                self._fail(rnd, result.client, "lost during SecAgg+")
+        self._require(rnd, len(included), self.options.min_clients, "completed SecAgg+")
+        shapes = {name: payload.arrays[name].shape for name in names}
+        aggregate = {
+            name: np.asarray(array, dtype=np.float32).reshape(shapes[name])
+            for name, array in zip(names, mean, strict=True)
+        }
+        # With fewer clients than planned, the weights (and so the bound) change.
+        kept = [s for s in stats if s.node_id in included]
+        if len(kept) != len(stats):
+            settings = _restrict(settings, stats, kept)
+        self.secagg_error[rnd] = check_aggregate(settings, aggregate, self.options.secagg_tolerance)
+        replies = [
+            ClientReply(
+                client=by_node[node].client,
+                # The server never sees a client's adapter; shape-only stand-ins let the run's
+                # communication ledger count what each client uploaded (masked).
+                arrays={n: np.broadcast_to(np.float32(0), shapes[n]) for n in names},
+                num_examples=by_node[node].num_examples,
+                metrics=by_node[node].metrics,
+            )
+            for node in sorted(included, key=lambda n: by_node[n].client)
+        ]
+        return SecureAggregate(
+            arrays=aggregate,
+            num_examples=sum(r.num_examples for r in replies),
+            replies=replies,
+        )
+
+
+def _restrict(settings: SecAggSettings, stats: list[ClientStats], kept: list[ClientStats]) -> SecAggSettings:
+    from dataclasses import replace
+
+    index = [stats.index(s) for s in kept]
+    return replace(
+        settings,
+        weights=tuple(settings.weights[i] for i in index),
+        exact_weights=tuple(settings.exact_weights[i] for i in index),
+        bounds=tuple(settings.bounds[i] for i in index),
+    )
+
+
+def _reason(reply: Message) -> str:
+    error = reply.error
+    return f"{error.reason or 'error'} (Flower error code {error.code})"
+
+
+def _client_of_error(reply: Message, messages: Iterable[Message], targets: dict[int, int]) -> int | None:
+    for message in messages:
+        if message.metadata.message_id == reply.metadata.reply_to_message_id:
+            return targets.get(message.metadata.dst_node_id)
+    return None
+
+
+def run_secagg(
+    grid: Grid,
+    stats: list[ClientStats],
+    settings: SecAggSettings,
+    rnd: int,
+    options: FlowerOptions,
+) -> tuple[list[np.ndarray], set[int]]:
+    """Run Flower's SecAgg+ workflow over the nodes in `stats`; return the mean and who is in it.
+
+    The clients upload the adapters they hold from `train.local`; the server-side workflow
+    unmasks only their weighted sum, divided by the sum of weights.
+    """
+    from flwr.app import ArrayRecord, Context
+    from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+    from flwr.server import ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import Strategy
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    class Capture(Strategy):
+        """Hands the workflow its clients and keeps the aggregate it unmasks."""
+
+        def __init__(self) -> None:
+            self.aggregate: list[np.ndarray] | None = None
+            self.included: set[int] = set()
+
+        def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+            empty = Parameters(tensors=[], tensor_type="numpy.ndarray")
+            return [
+                (GridClientProxy(s.node_id, grid, grid.run.run_id), FitIns(empty, {"round": rnd}))
+                for s in stats
+            ]
+
+        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+            if results:
+                self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+                self.included = {proxy.node_id for proxy, _ in results}
+            return None, {}
+
+        def initialize_parameters(self, client_manager):  # type: ignore[no-untyped-def]
+            return None
+
+        def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+            return None, {}
+
+        def evaluate(self, server_round, parameters):  # type: ignore[no-untyped-def]
+            return None
+
+    strategy = Capture()
+    base = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = LegacyContext(
+        base,
+        config=ServerConfig(num_rounds=1),
+        strategy=strategy,
+        client_manager=SimpleClientManager(),
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    workflow = SecAggPlusWorkflow(
+        num_shares=settings.num_shares,
+        reconstruction_threshold=settings.threshold,
+        max_weight=settings.max_weight,
+        clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range,
+        modulus_range=settings.modulus_range,
+        timeout=options.secagg_timeout or None,
+    )
+    import logging
+
+    flwr_logger = logging.getLogger("flwr")
+    previous = flwr_logger.level
+    if not options.verbose:
+        flwr_logger.setLevel(WARNING)
+    try:
+        workflow(grid, context)
+    finally:
+        flwr_logger.setLevel(previous)
+    if strategy.aggregate is None:
+        raise FlowerEngineError(
+            f"round {rnd}: SecAgg+ halted before unmasking (too few clients left to reach the "
+            f"reconstruction threshold {settings.threshold}); lower secagg-threshold or keep "
+            "more SuperNodes running"
+        )
+    return strategy.aggregate, strategy.included
