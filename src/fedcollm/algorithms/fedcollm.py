@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from fedcollm.algorithms.base import register
 from fedcollm.algorithms.fedavg import FedAvg
-from fedcollm.distill import check_same_tokenizer, mutual_distill
+from fedcollm.align.bridge import TokenBridge
+from fedcollm.distill import mutual_distill, same_tokenizer
 from fedcollm.models import Arrays, get_adapter, set_adapter
 from fedcollm.runtime import Metric, Reporter, ServerRuntime, derive_seed, encode_sft, pad_id
 
@@ -24,17 +25,26 @@ class FedCoLLM(FedAvg):
         config = self.config
         llm, slm = server.model("llm"), server.slm
         assert config.llm is not None
-        check_same_tokenizer(llm.tokenizer, slm.tokenizer, f"FedCoLLM ({llm.name} vs {slm.name})")
         if not server.aux_requests:
             raise ValueError("FedCoLLM needs an auxiliary set on the server: set task.aux_fraction > 0")
+        if "aux" not in server.state:
+            max_length = config.train.max_length
+            server.state["aux"] = (
+                encode_sft(llm, server.aux_requests, max_length),
+                encode_sft(slm, server.aux_requests, max_length),
+            )
+            if not same_tokenizer(llm.tokenizer, slm.tokenizer):
+                reporter.phase(f"aligning vocabularies of {llm.name} and {slm.name} (MinED, cached)")
+                to_slm = TokenBridge.build(llm.tokenizer, slm.tokenizer)
+                server.state["bridges"] = (to_slm, to_slm.reversed())
+        llm_examples, slm_examples = server.state["aux"]
         set_adapter(slm.model, aggregate)
-        max_length = config.train.max_length
         reporter.phase(f"round {rnd} · server distillation ({len(server.aux_requests)} examples)")
         result = mutual_distill(
             llm.model,
             slm.model,
-            encode_sft(llm, server.aux_requests, max_length),
-            encode_sft(slm, server.aux_requests, max_length),
+            llm_examples,
+            slm_examples,
             llm_pad_id=pad_id(llm),
             slm_pad_id=pad_id(slm),
             llm_lr=config.llm.lr,
@@ -42,6 +52,7 @@ class FedCoLLM(FedAvg):
             cfg=config.distill,
             train_cfg=config.train,
             seed=derive_seed(config.seed, rnd, 1),
+            bridges=server.state.get("bridges"),
             on_step=reporter.step_callback(),
         )
         server.global_adapter = get_adapter(slm.model)

@@ -1,0 +1,65 @@
+"""A teacher's top-K distributions carried from its answer tokens onto a student's.
+
+When teacher and student tokenise the same answer differently, each student answer token gets
+the teacher's distribution at the teacher token aligned to it 1:1 (vocabulary mapped by MinED),
+or a one-hot on its own token where no 1:1 match exists (FedMKT, App. B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcollm.align.normalize import TokenNormalizer
+from fedcollm.align.sequence import align_topk_for_ids
+from fedcollm.align.vocab import VocabMap, build_vocab_map
+from fedcollm.encoding import Encoded
+
+
+@dataclass(frozen=True)
+class TokenBridge:
+    """Maps top-K (id, logit) rows over `src` target tokens to rows over `dst` target tokens."""
+
+    src_tok: Any
+    dst_tok: Any
+    vocab_map: VocabMap
+    src_norm: TokenNormalizer
+    dst_norm: TokenNormalizer
+
+    @classmethod
+    def build(cls, src_tok: Any, dst_tok: Any, cache_dir: Path | None = None) -> TokenBridge:
+        """Build (or load from the cache) the vocabulary mapping between two tokenizers."""
+        vocab_map = build_vocab_map(src_tok, dst_tok, cache_dir=cache_dir)
+        return cls(
+            src_tok,
+            dst_tok,
+            vocab_map,
+            TokenNormalizer.from_tokenizer(src_tok),
+            TokenNormalizer.from_tokenizer(dst_tok),
+        )
+
+    def reversed(self) -> TokenBridge:
+        """The bridge in the other direction (no rebuild)."""
+        return TokenBridge(
+            self.dst_tok, self.src_tok, self.vocab_map.reversed(), self.dst_norm, self.src_norm
+        )
+
+    def transfer(
+        self, src: Encoded, dst: Encoded, topk_ids: np.ndarray, topk_vals: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [dst.n_target, K] (ids in dst's vocabulary, -1 padding; logits, -inf padding)."""
+        aligned = align_topk_for_ids(
+            src.input_ids[src.n_context :],
+            dst.input_ids[dst.n_context :],
+            self.src_tok,
+            self.dst_tok,
+            topk_ids,
+            topk_vals,
+            self.vocab_map,
+            src_norm=self.src_norm,
+            dst_norm=self.dst_norm,
+        )
+        return aligned.topk_ids, aligned.topk_vals
