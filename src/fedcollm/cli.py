@@ -133,7 +133,7 @@ def eval_(
         if not (adapter / "adapter_config.json").is_file():
             raise _fail(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
         lm = PeftModel.from_pretrained(lm, str(adapter))
-    result = evaluate(lm, tokenizer, requests, add_bos=needs_bos(lm), batch_size=batch_size)
+    result = evaluate(lm, tokenizer, requests, add_bos=needs_bos(tokenizer), batch_size=batch_size)
     report = {
         "model": model,
         "adapter": str(adapter) if adapter else None,
@@ -143,3 +143,50 @@ def eval_(
         **result.summary(),
     }
     typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def compare(
+    config: Annotated[
+        Path, typer.Argument(help="Base experiment TOML; its [compare] section lists methods/tasks.")
+    ],
+    methods: Annotated[list[str] | None, typer.Option("--methods", help="Override compare.methods.")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Override compare.tasks.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set federation.rounds=2")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Comparison folder (default: runs/compare-<name>).")
+    ] = None,
+) -> None:
+    """Run every method on every task with the same partition, seeds and evaluation set; write
+    the paper's Tables 1-3 (markdown and CSV) and accuracy-per-round plots."""
+    from fedcollm.compare import run_comparison
+    from fedcollm.config import ConfigError, load_config
+    from fedcollm.data import DataError
+    from fedcollm.models import ModelError
+
+    _quiet_libraries()
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    methods = methods or cfg.compare.methods
+    tasks = tasks or cfg.compare.tasks or [cfg.task.name]
+    out = out or Path("runs") / f"compare-{cfg.name}"
+    console.print(
+        f"[bold]compare[/] {cfg.name}: methods {', '.join(methods)} · tasks {', '.join(tasks)} → {out}"
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            run_comparison(cfg, out, methods, tasks, reporter=RichReporter(progress))
+    except (ConfigError, DataError, ModelError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    console.print((out / "report.md").read_text(encoding="utf-8"))

@@ -109,12 +109,43 @@ class DistillConfig(_Section):
     )
 
 
+class FedMKTConfig(_Section):
+    """FedMKT (Fan et al., 2024): selective knowledge transfer through top-K logits on the public set."""
+
+    top_k: int = Field(
+        16, ge=1, description="Logits kept per answer position in a knowledge set (paper: K=16)."
+    )
+    ce_weight: float = Field(
+        0.9, ge=0, le=1, description="lambda in lambda*CE + (1-lambda)*KD for the LLM and the SLMs."
+    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KD term.")
+    llm_epochs: int = Field(1, ge=1, description="Server epochs R over the public set per round.")
+    slm_epochs: int = Field(1, ge=1, description="Client epochs of ClientUpdate2 over the public set.")
+    loss_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="Per-sample loss for DualMinCE: mean CE over answer tokens (paper) or their sum.",
+    )
+    fedavg_homogeneous: bool = Field(
+        False, description="Clients that all run the same SLM also FedAvg their adapters each round."
+    )
+
+
 class EvalConfig(_Section):
     split: str | None = Field(None, description="Split to evaluate; default: task.eval_split.")
     limit: int | None = Field(200, ge=1, description="Seeded subset size; none = whole split.")
     every_round: bool = Field(True, description="Evaluate after every round, not only the last.")
     batch_size: int = Field(16, ge=1, description="Choices scored per forward pass.")
     models: list[Literal["slm", "llm"]] = Field(default_factory=lambda: ["slm", "llm"])
+
+
+class CompareConfig(_Section):
+    """What `fedcollm compare` runs: every method on every task, same partition and seeds."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: ["zeroshot", "standalone", "fedavg", "centralized", "fedcollm"],
+        description="Algorithms to compare (the paper's baselines and FedCoLLM).",
+    )
+    tasks: list[str] = Field(default_factory=list, description="Tasks to compare on; empty = task.name.")
 
 
 class ExperimentConfig(_Section):
@@ -136,6 +167,8 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    fedmkt: FedMKTConfig = Field(default_factory=FedMKTConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @field_validator("algorithm")
     @classmethod

@@ -1,0 +1,71 @@
+"""Run several methods on several tasks with identical partition, seeds and evaluation set.
+
+Each (task, method) run is an ordinary run folder under `<out>/runs/`, named by a hash of its
+resolved configuration: a finished run with the same configuration is reused, not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedcollm.config import ExperimentConfig, build_config
+from fedcollm.plan import plan
+from fedcollm.report import RunRef, write_report
+from fedcollm.run import run_experiment
+from fedcollm.runtime import Reporter
+
+PAPER_METHODS = ("zeroshot", "standalone", "fedavg", "centralized", "fedcollm")
+
+
+def variant(base: ExperimentConfig, task: str, method: str) -> ExperimentConfig:
+    """The base configuration with only the task and the algorithm changed."""
+    data = base.model_dump(mode="json")
+    data["algorithm"] = method
+    data["task"]["name"] = task
+    data["name"] = f"{base.name}-{task}-{method}"
+    return build_config(data, f"{base.name} ({task}, {method})")
+
+
+def config_key(config: ExperimentConfig) -> str:
+    """A short hash of everything that determines a run's result (its name excluded)."""
+    data = config.model_dump(mode="json")
+    data.pop("name")
+    return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:10]
+
+
+def is_finished(folder: Path, config: ExperimentConfig) -> bool:
+    """A run folder holding the results of exactly this configuration."""
+    resolved = folder / "config.toml"
+    return (
+        (folder / "results.md").is_file()
+        and resolved.is_file()
+        and resolved.read_text(encoding="utf-8") == config.to_toml()
+    )
+
+
+def run_comparison(
+    base: ExperimentConfig,
+    out: Path,
+    methods: Sequence[str] = PAPER_METHODS,
+    tasks: Sequence[str] | None = None,
+    reporter: Reporter | None = None,
+) -> list[RunRef]:
+    """Run (or reuse) every method on every task, then write the paper-style report to `out`."""
+    reporter = reporter or Reporter()
+    tasks = list(tasks or [base.task.name])
+    plan(base, list(methods), tasks)  # fails before any training on unknown methods/tasks/data
+    runs = []
+    for task in tasks:
+        for method in methods:
+            config = variant(base, task, method)
+            folder = out / "runs" / f"{task}-{method}-{config_key(config)}"
+            if is_finished(folder, config):
+                reporter.message(f"{task} · {method}: reusing {folder}")
+            else:
+                reporter.message(f"{task} · {method}: running into {folder}")
+                run_experiment(config, folder, overwrite=True, reporter=reporter)
+            runs.append(RunRef(task, method, folder))
+    write_report(runs, out)
+    return runs

@@ -1,0 +1,109 @@
+"""`fedcollm compare`: identical settings across methods, reuse of finished runs, paper tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+import fedcollm.compare as compare_module
+from fedcollm.compare import config_key, run_comparison, variant
+from fedcollm.config import LoraConfig, build_config
+from fedcollm.data import DataError
+from fedcollm.plan import adapter_size, plan
+from tests.test_e2e import tiny_config
+
+
+@pytest.mark.parametrize(
+    ("model_config", "lora", "full_m", "adapter_m", "percent"),
+    [
+        (GPT2Config(), LoraConfig(r=8), 124.4, 0.295, 0.24),  # S1 clients: GPT-2 small
+        (
+            OPTConfig(
+                hidden_size=2048,
+                ffn_dim=8192,
+                num_hidden_layers=24,
+                num_attention_heads=32,
+                word_embed_proj_dim=2048,
+                vocab_size=50272,
+            ),
+            LoraConfig(r=16),
+            1315.8,
+            3.146,
+            0.24,
+        ),  # S2 clients: OPT-1.3B
+        (
+            LlamaConfig(
+                hidden_size=2048,
+                intermediate_size=5504,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                vocab_size=32000,
+            ),
+            LoraConfig(r=16),
+            1345.4,
+            3.146,
+            0.23,
+        ),  # S3 clients: Sheared-LLaMA-1.3B
+    ],
+)
+def test_adapter_sizes_reproduce_the_papers_table3(model_config, lora, full_m, adapter_m, percent) -> None:
+    size = adapter_size(model_config, lora)
+    assert size.full_params / 1e6 == pytest.approx(full_m, abs=0.1)
+    assert size.adapter_params / 1e6 == pytest.approx(adapter_m, abs=0.001)
+    assert round(size.percent, 2) == percent
+
+
+def test_variants_differ_only_in_task_and_algorithm(tiny_llama: Path, tiny_llama_big: Path) -> None:
+    base = build_config(tiny_config(tiny_llama, tiny_llama_big))
+    a, b = variant(base, "arc_easy", "fedavg"), variant(base, "arc_easy", "fedcollm")
+    da, db = a.model_dump(), b.model_dump()
+    assert {k for k in da if da[k] != db[k]} == {"name", "algorithm"}
+    assert config_key(a) != config_key(b)
+    assert config_key(a) == config_key(variant(base, "arc_easy", "fedavg"))
+
+
+def test_unknown_method_or_task_fails_before_training_listing_what_exists(
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = build_config(tiny_config(tiny_llama, tiny_llama_big))
+    monkeypatch.setattr(compare_module, "run_experiment", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"unknown method\(s\) fedprox; available: .*fedcollm"):
+        run_comparison(base, tmp_path, ["fedavg", "fedprox"], ["arc_easy"])
+    with pytest.raises(DataError, match="arc_easy"):
+        run_comparison(base, tmp_path, ["fedavg"], ["no_such_task"])
+    no_test_split = build_config({**tiny_config(tiny_llama, tiny_llama_big), "eval": {"split": "test"}})
+    with pytest.raises(DataError, match="test"):
+        plan(no_test_split, ["fedavg"], ["commonsense_qa"])  # CommonsenseQA has no test split offline
+
+
+@pytest.mark.slow
+def test_compare_writes_the_paper_tables_and_reuses_finished_runs(
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = build_config(tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 1, "num_clients": 2}))
+    methods = ["zeroshot", "standalone", "fedavg", "centralized", "fedcollm"]
+    runs = run_comparison(base, tmp_path, methods, ["arc_easy"])
+    assert [r.method for r in runs] == methods
+    report = (tmp_path / "report.md").read_text()
+    table1 = report.split("## Table 1")[1].split("## Table 2")[0]
+    table2 = report.split("## Table 2")[1].split("## Table 3")[0]
+    assert all(m in table1 for m in ("Zero-Shot", "Centralized", "FedCoLLM"))
+    assert all(m in table2 for m in ("Zero-Shot", "Standalone", "FedAvg", "FedCoLLM"))
+    assert "Standalone" not in table1 and "Centralized" not in table2
+    for name in ("table1_llm.csv", "table2_slm.csv", "table3_communication.csv", "accuracy_arc_easy_slm.png"):
+        assert (tmp_path / name).is_file()
+
+    calls: list[str] = []
+    original = compare_module.run_experiment
+
+    def counting(config, *args, **kwargs):
+        calls.append(config.name)
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "run_experiment", counting)
+    run_comparison(base, tmp_path, methods, ["arc_easy"])
+    assert calls == []  # every run reused
+    run_comparison(base.model_copy(update={"seed": 1}), tmp_path, ["fedavg"], ["arc_easy"])
+    assert calls == [f"{base.name}-arc_easy-fedavg"]  # a changed config is a new run
