@@ -29,6 +29,8 @@ class RichReporter(Reporter):
 
     def phase(self, description: str, total: int | None = None) -> None:
         self.progress.update(self.task, description=description, total=total, completed=0, info="")
+        if not self.progress.console.is_terminal:  # no live display in logs: one line per phase
+            self.progress.console.log(description)
 
     def advance(self, completed: int, total: int | None = None, info: str = "") -> None:
         self.progress.update(self.task, completed=completed, total=total, info=info)
