@@ -63,9 +63,7 @@ def test_two_round_two_client_fedcollm_run_writes_a_complete_run_folder(
     adapter = sum(
         v.size
         for v in get_adapter(
-            PeftModel.from_pretrained(
-                load_base_model(str(tiny_llama)), str(out / "adapters" / "slm")
-            )
+            PeftModel.from_pretrained(load_base_model(str(tiny_llama)), str(out / "adapters" / "slm"))
         ).values()
     )
     assert comm["adapter_params"] == adapter
@@ -82,9 +80,7 @@ def test_two_round_two_client_fedcollm_run_writes_a_complete_run_folder(
 def test_same_seed_gives_the_same_adapters_and_metrics(
     tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path
 ) -> None:
-    cfg = build_config(
-        tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 1, "num_clients": 2})
-    )
+    cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 1, "num_clients": 2}))
     run_experiment(cfg, tmp_path / "a")
     run_experiment(cfg, tmp_path / "b")
     base = load_base_model(str(tiny_llama))
@@ -97,9 +93,7 @@ def test_same_seed_gives_the_same_adapters_and_metrics(
 
 def test_fedavg_has_no_llm_and_no_server_training(tiny_llama: Path, tmp_path: Path) -> None:
     cfg = build_config(
-        tiny_config(
-            tiny_llama, tiny_llama, algorithm="fedavg", federation={"rounds": 1, "num_clients": 2}
-        )
+        tiny_config(tiny_llama, tiny_llama, algorithm="fedavg", federation={"rounds": 1, "num_clients": 2})
     )
     run_experiment(cfg, tmp_path / "run")
     metrics = _metrics(tmp_path / "run")
@@ -117,3 +111,26 @@ def test_existing_run_folder_is_not_overwritten_silently(
     with pytest.raises(RunFolderError, match="different experiment"):
         run_experiment(cfg, out)
     assert (out / "config.toml").read_text() == "name = 'other'\n"
+
+
+def test_fedcollm_broadcasts_the_distilled_adapter_not_the_plain_average(
+    tiny_llama: Path, tiny_llama_big: Path
+) -> None:
+    from fedcollm.algorithms import ALGORITHMS
+    from fedcollm.runtime import ClientRuntime, ExperimentData, Reporter, ServerRuntime, load_models
+
+    cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 1, "num_clients": 2}))
+    algorithm = ALGORITHMS["fedcollm"](cfg)
+    data = ExperimentData.load(cfg)
+    slm, llm = load_models(cfg, with_llm=True)
+    server = ServerRuntime.create(cfg, data, slm, llm)
+    clients = [ClientRuntime.create(cfg, data, k, slm) for k in range(2)]
+    payload = algorithm.configure_fit(server, 1)
+    replies = [algorithm.client_fit(c, payload, 1, Reporter()) for c in clients]
+    aggregate = algorithm.aggregate_fit(server, replies, 1)
+    llm_before = get_adapter(llm.model)
+    algorithm.server_update(server, aggregate, 1, Reporter())
+    following = algorithm.configure_fit(server, 2).arrays
+    assert following is server.global_adapter
+    assert any(not np.array_equal(following[k], aggregate[k]) for k in aggregate)  # distillation moved it
+    assert any(not np.array_equal(llm_before[k], v) for k, v in get_adapter(llm.model).items())
