@@ -1,0 +1,109 @@
+"""Server-side checks on uploads and robust aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedcollm.aggregate import weighted_mean
+from fedcollm.robust import AGGREGATORS, check_upload, coordinate_median, screen_uploads, trimmed_mean
+from fedcollm.runtime import ClientReply
+
+EXPECTED = {"a.lora_A": np.zeros((2, 3), np.float32), "a.lora_B": np.zeros((3, 2), np.float32)}
+
+
+def _honest(client: int, seed: int, n: int = 10) -> ClientReply:
+    rng = np.random.default_rng(seed)
+    arrays = {k: (v + rng.normal(scale=0.01, size=v.shape)).astype(np.float32) for k, v in EXPECTED.items()}
+    return ClientReply(client, arrays, n)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda a: {**a, "a.lora_A": a["a.lora_A"].astype(np.float64)}, "dtype float64"),
+        (lambda a: {**a, "a.lora_A": np.zeros((3, 3), np.float32)}, "shape"),
+        (lambda a: {k: v for k, v in a.items() if k != "a.lora_B"}, "names differ"),
+        (lambda a: {**a, "extra": np.zeros(1, np.float32)}, "names differ"),
+        (lambda a: {**a, "a.lora_B": np.full((3, 2), np.nan, np.float32)}, "NaN or Inf"),
+        (lambda a: {**a, "a.lora_B": np.full((3, 2), np.inf, np.float32)}, "NaN or Inf"),
+    ],
+)
+def test_each_kind_of_malformed_upload_is_rejected_named_and_survived(mutate, reason) -> None:
+    bad = _honest(2, 2)
+    bad = ClientReply(bad.client, mutate(bad.arrays), bad.num_examples)
+    replies = [_honest(0, 0), _honest(1, 1), bad, _honest(3, 3)]
+    accepted, rejected = screen_uploads(replies, EXPECTED, EXPECTED, norm_multiple=10)
+    assert [r.client for r in accepted] == [0, 1, 3]
+    assert [r.client for r in rejected] == [2]
+    assert reason in rejected[0].reason
+
+
+def test_non_positive_example_count_is_rejected() -> None:
+    reply = _honest(0, 0, n=0)
+    assert "example count" in check_upload(reply, EXPECTED)
+
+
+def test_an_update_far_outside_the_others_is_rejected_as_an_outlier() -> None:
+    huge = ClientReply(4, {k: v + 1000.0 for k, v in _honest(4, 4).arrays.items()}, 10)
+    replies = [_honest(k, k) for k in range(4)] + [huge]
+    accepted, rejected = screen_uploads(replies, EXPECTED, EXPECTED, norm_multiple=10)
+    assert [r.client for r in rejected] == [4] and "median" in rejected[0].reason
+    assert len(accepted) == 4
+    _, none = screen_uploads(replies, EXPECTED, EXPECTED, norm_multiple=0)  # check disabled
+    assert none == []
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_robust_aggregation_defeats_one_client_sending_a_huge_update(rule: str) -> None:
+    honest = [_honest(k, k) for k in range(4)]
+    attacker = ClientReply(9, {k: np.full(v.shape, 1e6, np.float32) for k, v in EXPECTED.items()}, 10)
+    poisoned_mean = weighted_mean([*honest, attacker])
+    robust = AGGREGATORS[rule]([*honest, attacker], 0.2)
+    clean = weighted_mean(honest)
+    for name in EXPECTED:
+        assert np.abs(poisoned_mean[name]).max() > 1e5  # the mean is ruined
+        assert np.abs(robust[name] - clean[name]).max() < 0.05  # the robust rule is not
+
+
+def test_trimmed_mean_refuses_to_trim_everything() -> None:
+    with pytest.raises(ValueError, match="leaves no value"):
+        trimmed_mean([_honest(0, 0), _honest(1, 1)], trim_fraction=0.5)
+
+
+def test_median_of_identical_uploads_is_that_upload() -> None:
+    same = [_honest(k, 7) for k in range(3)]
+    out = coordinate_median(same)
+    for name in EXPECTED:
+        np.testing.assert_array_equal(out[name], same[0].arrays[name])
+
+
+arrays_strategy = st.tuples(
+    st.sampled_from([np.float32, np.float64, np.float16, np.int32]),
+    st.sampled_from([(2, 3), (3, 2), (3, 3), (6,)]),
+).flatmap(lambda spec: hnp.arrays(dtype=spec[0], shape=spec[1]))  # default elements include NaN/Inf
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    a=arrays_strategy,
+    b=arrays_strategy,
+    drop=st.booleans(),
+    n=st.integers(min_value=-2, max_value=5),
+)
+def test_validator_accepts_exactly_the_well_formed_uploads(a, b, drop, n) -> None:
+    arrays = {"a.lora_A": a} if drop else {"a.lora_A": a, "a.lora_B": b}
+    reason = check_upload(ClientReply(0, arrays, n), EXPECTED)
+    well_formed = (
+        not drop
+        and all(x.dtype in (np.float32, np.float16) for x in (a, b))
+        and a.shape == (2, 3)
+        and b.shape == (3, 2)
+        and np.isfinite(a).all()
+        and np.isfinite(b).all()
+        and n > 0
+    )
+    assert (reason is None) == well_formed
