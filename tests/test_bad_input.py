@@ -35,7 +35,7 @@ def test_broken_data_files_name_file_line_and_field(name: str, expected: str) ->
     [
         (
             "misspelled_key.toml",
-            r"misspelled_key\.toml.*federation\.round.*did you mean 'federation\.rounds'",
+            r"(?s)misspelled_key\.toml.*federation\.round.*did you mean 'federation\.rounds'",
         ),
         ("wrong_type.toml", r"federation\.rounds"),
         ("out_of_range.toml", r"task\.aux_fraction"),
