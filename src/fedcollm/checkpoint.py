@@ -1,0 +1,182 @@
+"""Atomic per-round checkpoints of everything a run needs to continue bit for bit.
+
+A checkpoint is a folder `checkpoints/round-NNNN/` with `arrays.npz` (every array: the global SLM
+adapter, the LLM adapter, algorithm state of the server and of each in-process client) and
+`meta.json` (round reached, the experiment's key, random-number generator states, metrics and
+communication so far, the layout of the arrays, and the SHA-256 of `arrays.npz`). It is written
+into a temporary folder and renamed into place, so a crash or a full disk leaves the previous
+checkpoint intact. Arrays are stored without pickle.
+
+Round seeds are derived from (seed, round, client), and optimisers start fresh every round, so
+the state at a round boundary is all a resumed run needs to reproduce an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the folder and the reason."""
+
+
+def _flatten(value: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
+    """Replace arrays inside nested dicts/lists by references into `arrays` (JSON-able layout)."""
+    if isinstance(value, np.ndarray):
+        key = f"a{len(arrays)}"
+        arrays[key] = value
+        return {"__array__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[_key(k), _flatten(v, f"{prefix}/{k}", arrays)] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        return {"__list__": [_flatten(v, f"{prefix}/{i}", arrays) for i, v in enumerate(value)]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise CheckpointError(
+        f"state at {prefix!r} holds a {type(value).__name__}, which a checkpoint cannot store"
+    )
+
+
+def _key(key: Any) -> Any:
+    if isinstance(key, bool | int | str):
+        return key
+    raise CheckpointError(f"state key {key!r} is not an int or str")
+
+
+def _unflatten(layout: Any, arrays: Any) -> Any:
+    if isinstance(layout, dict):
+        if "__array__" in layout:
+            return np.array(arrays[layout["__array__"]])
+        if "__dict__" in layout:
+            return {k: _unflatten(v, arrays) for k, v in layout["__dict__"]}
+        if "__list__" in layout:
+            return [_unflatten(v, arrays) for v in layout["__list__"]]
+    return layout
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch global generator states (JSON-able)."""
+    np_state = np.random.get_state()
+    return {
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy": [np_state[0], np.asarray(np_state[1]).tolist(), *map(_plain, np_state[2:])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    internal, version, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+@dataclass
+class Checkpoint:
+    """What a run needs to continue after `round`."""
+
+    round: int
+    experiment_key: str
+    state: dict[str, Any]
+    """Arrays and scalars: adapters, algorithm state of server and clients."""
+    record: dict[str, Any]
+    """Metrics and communication so far (JSON-able)."""
+    rng: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, keep_last: int | None = None) -> Path:
+    """Write a checkpoint atomically; then delete all but the newest `keep_last` (None: keep all)."""
+    root = run_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"round-{checkpoint.round:04d}"
+    arrays: dict[str, np.ndarray] = {}
+    layout = _flatten(checkpoint.state, "", arrays)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
+    try:
+        with (staging / "arrays.npz").open("wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        meta = {
+            "format": FORMAT_VERSION,
+            "round": checkpoint.round,
+            "experiment_key": checkpoint.experiment_key,
+            "layout": layout,
+            "record": checkpoint.record,
+            "rng": checkpoint.rng,
+            "arrays_sha256": _sha256(staging / "arrays.npz"),
+        }
+        (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        for old in sorted(root.glob("round-*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(folder: Path, experiment_key: str) -> Checkpoint:
+    """Read and verify one checkpoint folder."""
+    meta_path, arrays_path = folder / "meta.json", folder / "arrays.npz"
+    if not meta_path.is_file() or not arrays_path.is_file():
+        raise CheckpointError(f"{folder}: incomplete checkpoint (meta.json or arrays.npz missing)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder}: meta.json is corrupt ({exc})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    if meta.get("experiment_key") != experiment_key:
+        raise CheckpointError(
+            f"{folder}: this checkpoint belongs to another experiment (its configuration differs "
+            "from the run folder's config.toml)"
+        )
+    if _sha256(arrays_path) != meta.get("arrays_sha256"):
+        raise CheckpointError(f"{folder}: arrays.npz is corrupt (checksum mismatch)")
+    with np.load(arrays_path, allow_pickle=False) as arrays:
+        state = _unflatten(meta["layout"], arrays)
+    return Checkpoint(meta["round"], experiment_key, state, meta["record"], meta["rng"])
+
+
+def latest_checkpoint(run_dir: Path, experiment_key: str) -> tuple[Checkpoint | None, list[str]]:
+    """The newest usable checkpoint, and a note for every newer one that had to be skipped."""
+    notes: list[str] = []
+    for folder in sorted((run_dir / CHECKPOINT_DIR).glob("round-*"), reverse=True):
+        try:
+            return load_checkpoint(folder, experiment_key), notes
+        except CheckpointError as exc:
+            if "another experiment" in str(exc):
+                raise
+            notes.append(f"skipped {exc}")
+    return None, notes
