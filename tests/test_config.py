@@ -12,10 +12,25 @@ from fedcollm.config import ConfigError, ExperimentConfig, build_config, load_co
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["default", "smoke"])
-def test_shipped_configs_validate(name: str) -> None:
-    cfg = load_config(ROOT / "configs" / f"{name}.toml")
-    assert cfg.name == name
+SHIPPED = sorted((ROOT / "configs").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name
+
+
+@pytest.mark.parametrize("setting", ["s1", "s2", "s3"])
+def test_paper_settings_plan_offline_with_four_clients_and_the_four_tasks(setting: str) -> None:
+    from fedcollm.plan import plan
+
+    cfg = load_config(ROOT / "configs" / "paper" / f"{setting}.toml")
+    assert cfg.federation.num_clients == 4
+    assert sorted(cfg.compare.tasks) == ["arc_challenge", "arc_easy", "commonsense_qa", "openbookqa"]
+    lines = {line.label: line.value for line in plan(cfg, cfg.compare.methods, cfg.compare.tasks)}
+    assert "/" in lines["slm"] and "/" in lines["llm"]  # hub ids; sizes known only once downloaded
+    assert lines["rounds"] == str(cfg.federation.rounds)
 
 
 def test_unknown_key_suggests_the_closest_valid_name() -> None:

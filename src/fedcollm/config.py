@@ -130,9 +130,46 @@ class FedMKTConfig(_Section):
     )
 
 
+class CrossLMConfig(_Section):
+    """CrossLM (Deng et al., 2023): SLM-scored synthetic task data from the server's LLM."""
+
+    num_candidates: int = Field(24, ge=1, description="Candidate examples the LLM generates per round (N).")
+    shots: int = Field(3, ge=0, description="Auxiliary-set demonstrations in each generation prompt.")
+    task_description: str = Field(
+        "", description="Instruction heading the generation prompt; empty = the task's built-in one."
+    )
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature of the generation.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens only (0 = off).")
+    max_new_tokens: int = Field(96, ge=8, description="Token budget of one generated example.")
+    generation_batch_size: int = Field(8, ge=1, description="Prompts decoded together.")
+    shuffle_choices: bool = Field(
+        True, description="Permute each parsed candidate's choices (seeded) to undo the LLM's letter bias."
+    )
+    score_threshold: float = Field(
+        0.3, ge=0, le=1, description="Candidates whose mean SLM score is below this get weight 0."
+    )
+    generation_loss_weight: float = Field(
+        1.0, ge=0, description="Weight of the 'write this example' likelihood next to the answer loss."
+    )
+    llm_epochs: int = Field(1, ge=1, description="LLM epochs over the weighted candidates per round.")
+    closing_round: bool = Field(
+        True, description="Add a last client round in which the SLMs train on the final selected set."
+    )
+    heldout_task: str | None = Field(
+        "arc_easy", description="Task the LLM is never trained on, evaluated for general ability."
+    )
+    heldout_split: str = Field("validation", description="Split of the held-out task.")
+    heldout_format: str = Field("lm_eval", description="Prompt format of the held-out task.")
+    heldout_source: str = Field("auto", description="Data source of the held-out task.")
+    heldout_limit: int | None = Field(
+        200, ge=1, description="Seeded subset of the held-out split; none = all of it."
+    )
+
+
 class EvalConfig(_Section):
     split: str | None = Field(None, description="Split to evaluate; default: task.eval_split.")
-    limit: int | None = Field(200, ge=1, description="Seeded subset size; none = whole split.")
+    limit: int = Field(200, ge=0, description="Seeded subset size; 0 = the whole split.")
     every_round: bool = Field(True, description="Evaluate after every round, not only the last.")
     batch_size: int = Field(16, ge=1, description="Choices scored per forward pass.")
     models: list[Literal["slm", "llm"]] = Field(default_factory=lambda: ["slm", "llm"])
@@ -168,6 +205,7 @@ class ExperimentConfig(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fedmkt: FedMKTConfig = Field(default_factory=FedMKTConfig)
+    crosslm: CrossLMConfig = Field(default_factory=CrossLMConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @field_validator("algorithm")

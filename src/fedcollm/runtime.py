@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,7 +117,7 @@ class ExperimentData:
         )
         assert config.eval.split is not None
         pool = load_questions(task.name, config.eval.split, task.source)
-        chosen = sample_indices(len(pool), config.eval.limit, config.seed)
+        chosen = sample_indices(len(pool), config.eval.limit or None, config.seed)
         return cls(tuple(train), split, tuple(pool[i] for i in chosen))
 
     def requests(self, config: ExperimentConfig, indices: tuple[int, ...] | None = None) -> list[MCRequest]:
@@ -200,6 +201,8 @@ class ServerRuntime:
     aux_requests: list[MCRequest]
     _eval_cache: dict[str, EncodedRequests] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+    """The run folder, for algorithms that write files of their own (None: write nothing)."""
 
     @classmethod
     def create(
@@ -208,6 +211,7 @@ class ServerRuntime:
         data: ExperimentData,
         slm: LoadedModel,
         llm: LoadedModel | None,
+        run_dir: Path | None = None,
     ) -> ServerRuntime:
         return cls(
             config=config,
@@ -217,6 +221,7 @@ class ServerRuntime:
             global_adapter=get_adapter(slm.model),
             eval_requests=data.eval_requests(config),
             aux_requests=data.aux_requests(config),
+            run_dir=run_dir,
         )
 
     def encoded_eval(self, role: str) -> EncodedRequests:
