@@ -124,8 +124,11 @@ class RunRecorder:
         adapter_params = sum(int(np.prod(a.shape)) for a in server.global_adapter.values())
         summary = self.ledger.summary(count_base_parameters(server.slm.model), adapter_params)
         summary["slm"] = server.slm.name
+        summary |= algorithm.communication_extra(server)
         _atomic_write(self.out / "communication.json", json.dumps(summary, indent=2))
-        _atomic_write(self.out / "results.md", results_markdown(self.config, self.metrics, summary))
+        results = results_markdown(self.config, self.metrics, summary)
+        extra = algorithm.results_extra(self.metrics, summary)
+        _atomic_write(self.out / "results.md", results + "\n".join(extra) + ("\n" if extra else ""))
 
 
 def _atomic_write(path: Path, text: str) -> None:

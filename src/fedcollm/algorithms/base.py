@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -111,6 +111,14 @@ class Algorithm(ABC):
             Metric(rnd, "slm", r.client, key, value) for r in replies for key, value in r.metrics.items()
         ]
         return metrics + mean_over_clients(metrics, rnd)
+
+    def communication_extra(self, server: ServerRuntime) -> dict[str, Any]:
+        """Algorithm-specific entries merged into communication.json (default: none)."""
+        return {}
+
+    def results_extra(self, metrics: Sequence[Metric], communication: dict[str, Any]) -> list[str]:
+        """Algorithm-specific markdown lines appended to results.md (default: none)."""
+        return []
 
     def eval_roles(self, server: ServerRuntime) -> list[str]:
         """The configured models to evaluate that this algorithm has."""

@@ -1,0 +1,172 @@
+"""FedMKT end to end on tiny models with different tokenizers, and rejection of bad uploads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from peft import PeftModel
+
+from fedcollm.algorithms import ALGORITHMS
+from fedcollm.algorithms.fedmkt import UP, FedMKT, FedMKTError
+from fedcollm.config import build_config
+from fedcollm.models import get_adapter, load_base_model
+from fedcollm.run import run_experiment
+from fedcollm.runtime import ClientReply, ClientRuntime, ExperimentData, Reporter, ServerRuntime, load_models
+from tests.test_e2e import tiny_config
+
+
+def fedmkt_config(slm: Path, other: Path, llm: Path, **overrides: object) -> dict:
+    """Client 0 runs `slm` (the LLM's tokenizer), client 1 `other` (a different tokenizer)."""
+    federation = {"rounds": 2, "num_clients": 2, "client_models": [str(slm), str(other)]}
+    return tiny_config(slm, llm, algorithm="fedmkt", federation=federation, **overrides)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class Messages(Reporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_fedmkt_is_registered_with_the_paper_defaults() -> None:
+    assert ALGORITHMS["fedmkt"] is FedMKT
+    cfg = build_config({"algorithm": "fedmkt"})
+    assert (cfg.fedmkt.top_k, cfg.fedmkt.ce_weight, cfg.fedmkt.fedavg_homogeneous) == (16, 0.9, False)
+
+
+def test_two_rounds_two_clients_with_different_tokenizers(
+    tiny_llama: Path, tiny_other_tokenizer: Path, tiny_llama_big: Path, tmp_path: Path
+) -> None:
+    cfg = build_config(fedmkt_config(tiny_llama, tiny_other_tokenizer, tiny_llama_big))
+    out = tmp_path / "run"
+    run_experiment(cfg, out)
+    metrics = _metrics(out)
+    keys = [(m["round"], m["role"], m["client"], m["metric"]) for m in metrics]
+    assert len(keys) == len(set(keys)), "a metric was recorded twice"
+
+    def where(**match: object) -> list[dict]:
+        return [m for m in metrics if all(m[k] == v for k, v in match.items())]
+
+    # T = 2 rounds plus the client-only exchange 3 in which clients consume the last S_0
+    assert sorted({m["round"] for m in where(role="llm", metric="acc")}) == [0, 1, 2, 3]
+    for k in (0, 1):
+        assert sorted(m["round"] for m in where(role="slm", client=k, metric="acc")) == [0, 1, 2, 3]
+        assert sorted(m["round"] for m in where(role="client", client=k, metric="train_loss")) == [1, 2]
+        # ClientUpdate2 on the server's knowledge from round 2 on (incl. the final exchange)
+        assert sorted(m["round"] for m in where(role="client", client=k, metric="kd_loss")) == [2, 3]
+    assert len(where(role="slm", client=None, metric="acc")) == 4  # the mean over clients
+    assert not where(metric="rejected")
+    for rnd in (1, 2):
+        (selected,) = where(round=rnd, role="llm", metric="selected")
+        by_client = where(round=rnd, metric="selected_by_server")
+        assert sum(m["value"] for m in by_client) == selected["value"]
+        assert np.isfinite(where(round=rnd, role="llm", metric="train_kd")[0]["value"])
+    # the LLM's adapter was trained (LoRA B starts at zero)
+    llm = PeftModel.from_pretrained(load_base_model(str(tiny_llama_big)), str(out / "adapters" / "llm"))
+    assert any(np.abs(a).sum() > 0 for name, a in get_adapter(llm).items() if "lora_B" in name)
+
+    comm = json.loads((out / "communication.json").read_text())
+    knowledge = comm["knowledge"]
+    assert knowledge["sets_sent"] == 2 * 2 + 2 * 2  # uploads and S_0 downloads, two rounds
+    assert knowledge["bytes_sent"] == comm["total_bytes"]  # only knowledge travels
+    assert 0 < knowledge["bytes_sent"] < knowledge["dense_bytes_N_S_K"]
+    assert knowledge["saving_vs_N_S_K_percent"] > 50
+    results = (out / "results.md").read_text()
+    assert "| LLM |" in results and "| 1 | " + str(tiny_other_tokenizer) in results
+    assert "N·S·K" in results
+
+
+@pytest.fixture(scope="module")
+def round_one(tiny_llama: Path, tiny_other_tokenizer: Path, tiny_llama_big: Path):
+    """A server and both clients' genuine round-1 replies, built once for the rejection tests."""
+    cfg = build_config(fedmkt_config(tiny_llama, tiny_other_tokenizer, tiny_llama_big))
+    algorithm = ALGORITHMS["fedmkt"](cfg)
+    data = ExperimentData.load(cfg)
+    slm, llm = load_models(cfg, with_llm=True)
+    other, _ = load_models(
+        cfg.model_copy(update={"slm": cfg.slm.model_copy(update={"name": str(tiny_other_tokenizer)})}), False
+    )
+    server = ServerRuntime.create(cfg, data, slm, llm)
+    clients = [ClientRuntime.create(cfg, data, 0, slm), ClientRuntime.create(cfg, data, 1, other)]
+    payload = algorithm.configure_fit(server, 1)
+    replies = [algorithm.client_fit(c, payload, 1, Reporter()) for c in clients]
+    return algorithm, server, replies
+
+
+def _corrupt(reply: ClientReply, what: str) -> ClientReply:
+    arrays = {k: v.copy() for k, v in reply.arrays.items()}
+    if what == "nan":
+        arrays[UP + "values"][0, 0] = np.nan
+    elif what == "vocab":
+        arrays[UP + "ids"][2, 1] = 100_000
+    elif what == "count":
+        arrays[UP + "loss"] = arrays[UP + "loss"][:-1]
+        arrays[UP + "lengths"] = arrays[UP + "lengths"][:-1]
+    return ClientReply(reply.client, arrays, reply.num_examples, reply.metrics)
+
+
+@pytest.mark.parametrize(
+    ("what", "reason"),
+    [("nan", "NaN or infinite"), ("vocab", "outside its vocabulary"), ("count", "the public set has")],
+)
+def test_a_bad_upload_is_rejected_naming_the_client_and_the_round_goes_on(
+    round_one, what: str, reason: str
+) -> None:
+    algorithm, server, replies = round_one
+    bad = [replies[0], _corrupt(replies[1], what)]
+    reporter = Messages()
+    algorithm.aggregate_fit(server, bad, 1)
+    metrics = algorithm.server_update(server, {}, 1, reporter)
+    rejected = [m for m in metrics if m.metric == "rejected"]
+    assert [(m.role, m.client, m.value) for m in rejected] == [("client", 1, 1.0)]
+    assert len(reporter.lines) == 1 and "client 1" in reporter.lines[0] and reason in reporter.lines[0]
+    # the server trained on client 0 alone and produced its knowledge for the next round
+    by_client = {m.client: m.value for m in metrics if m.metric == "selected_by_server"}
+    assert set(by_client) == {0}
+    assert any(m.metric == "train_loss" and m.role == "llm" for m in metrics)
+    assert any(name.startswith("server.") for name in algorithm.configure_fit(server, 2).arrays)
+
+
+def test_the_round_stops_when_every_upload_is_rejected(round_one) -> None:
+    algorithm, server, replies = round_one
+    algorithm.aggregate_fit(server, [_corrupt(r, "nan") for r in replies], 1)
+    with pytest.raises(FedMKTError, match=r"round 1: no usable client knowledge set .*client 0.*client 1"):
+        algorithm.server_update(server, {}, 1, Reporter())
+
+
+def test_a_client_sending_nan_in_a_real_run_is_skipped(
+    tiny_llama: Path, tiny_other_tokenizer: Path, tiny_llama_big: Path, tmp_path: Path, monkeypatch
+) -> None:
+    original = FedMKT.client_fit
+
+    def nan_for_client_1(self, client, payload, rnd, reporter):
+        reply = original(self, client, payload, rnd, reporter)
+        return _corrupt(reply, "nan") if client.client_id == 1 and reply.arrays else reply
+
+    monkeypatch.setattr(FedMKT, "client_fit", nan_for_client_1)
+    cfg = fedmkt_config(tiny_llama, tiny_other_tokenizer, tiny_llama_big)
+    cfg["federation"]["rounds"] = 1
+    cfg["eval"]["every_round"] = False
+    run_experiment(build_config(cfg), tmp_path / "run")
+    metrics = _metrics(tmp_path / "run")
+    assert [(m["round"], m["client"]) for m in metrics if m["metric"] == "rejected"] == [(1, 1)]
+    assert any(m["round"] == 2 and m["role"] == "slm" and m["client"] == 1 for m in metrics)
+    assert "client 1 (round 1)" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_fedavg_of_adapters_needs_homogeneous_clients(
+    tiny_llama: Path, tiny_other_tokenizer: Path, tiny_llama_big: Path
+) -> None:
+    cfg = build_config(
+        fedmkt_config(tiny_llama, tiny_other_tokenizer, tiny_llama_big, fedmkt={"fedavg_homogeneous": True})
+    )
+    with pytest.raises(ValueError, match="same SLM"):
+        ALGORITHMS["fedmkt"](cfg)
