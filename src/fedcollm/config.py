@@ -175,6 +175,20 @@ class EvalConfig(_Section):
     models: list[Literal["slm", "llm"]] = Field(default_factory=lambda: ["slm", "llm"])
 
 
+class RobustnessConfig(_Section):
+    """What the server does with uploads it cannot trust (plain aggregation only: under secure
+    aggregation it never sees an individual upload)."""
+
+    aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="Example-weighted mean (FedAvg), coordinate-wise median, or trimmed mean."
+    )
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="Share cut at each end by trimmed_mean.")
+    norm_multiple: float = Field(
+        10.0, ge=0, description="Reject an update whose norm exceeds this multiple of the median (0 = off)."
+    )
+    min_clients: int = Field(1, ge=1, description="Fewest accepted uploads a round may aggregate.")
+
+
 class CompareConfig(_Section):
     """What `fedcollm compare` runs: every method on every task, same partition and seeds."""
 
@@ -206,6 +220,7 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fedmkt: FedMKTConfig = Field(default_factory=FedMKTConfig)
     crosslm: CrossLMConfig = Field(default_factory=CrossLMConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @field_validator("algorithm")

@@ -198,7 +198,7 @@ def mutual_distill(
             steps += 1
             sums += [float(x.detach()) for x in (loss_f, loss_g, kd_f, kd_g)]
             if on_step is not None:
-                on_step(steps, total, float(loss_f + loss_g))
+                on_step(steps, total, float((loss_f + loss_g).detach()))
     llm.eval()
     slm.eval()
     means = sums / max(1, steps)

@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedcollm.aggregate import weighted_mean
 from fedcollm.config import ExperimentConfig
 from fedcollm.evaluate import evaluate
 from fedcollm.models import Arrays, get_adapter, set_adapter
+from fedcollm.robust import AGGREGATORS, Rejection, screen_uploads
 from fedcollm.runtime import (
     ClientReply,
     ClientRuntime,
@@ -70,9 +70,18 @@ class Algorithm(ABC):
     ) -> ClientReply:
         """A client's local work for one round."""
 
+    def screen_fit(
+        self, server: ServerRuntime, payload: Payload, replies: Sequence[ClientReply], rnd: int
+    ) -> tuple[list[ClientReply], list[Rejection]]:
+        """Refuse malformed or outlying adapter uploads before they touch the aggregate."""
+        robustness = self.config.robustness
+        reference = payload.arrays or None
+        return screen_uploads(replies, server.global_adapter, reference, robustness.norm_multiple)
+
     def aggregate_fit(self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int) -> Arrays:
-        """Combine client replies (default: FedAvg's example-weighted mean)."""
-        return weighted_mean(replies)
+        """Combine client replies (default: FedAvg's example-weighted mean, or a robust rule)."""
+        robustness = self.config.robustness
+        return AGGREGATORS[robustness.aggregation](replies, robustness.trim_fraction)
 
     @abstractmethod
     def server_update(

@@ -51,6 +51,7 @@ from fedcollm.knowledge import (
     validate_knowledge,
 )
 from fedcollm.models import Arrays, get_adapter, load_tokenizer, set_adapter
+from fedcollm.robust import Rejection
 from fedcollm.runtime import (
     ClientReply,
     ClientRuntime,
@@ -315,6 +316,12 @@ class FedMKT(Algorithm):
         if "adapter_avg" in server.state:
             arrays |= {ADAPTER + name: a for name, a in server.state.pop("adapter_avg").items()}
         return Payload(arrays, {"round": rnd, "final": self._final(rnd)})
+
+    def screen_fit(
+        self, server: ServerRuntime, payload: Payload, replies: Sequence[ClientReply], rnd: int
+    ) -> tuple[list[ClientReply], list[Rejection]]:
+        # Uploads are knowledge sets, not adapters: `aggregate_fit` validates them one by one.
+        return list(replies), []
 
     def aggregate_fit(self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int) -> Arrays:
         """Validate each upload; keep the good ones for `server_update`, note the rejected ones."""
