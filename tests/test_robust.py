@@ -107,3 +107,39 @@ def test_validator_accepts_exactly_the_well_formed_uploads(a, b, drop, n) -> Non
         and n > 0
     )
     assert (reason is None) == well_formed
+
+
+def test_a_run_rejects_a_bad_upload_names_the_client_and_goes_on(
+    tiny_llama, tiny_llama_big, tmp_path, monkeypatch
+):
+    import json
+
+    import fedcollm.algorithms.fedavg as fedavg
+    from fedcollm.config import build_config
+    from fedcollm.run import run_experiment
+    from tests.test_e2e import tiny_config
+
+    original = fedavg.train_client_adapter
+
+    def poisoned(algorithm, client, payload, rnd, reporter):
+        reply = original(algorithm, client, payload, rnd, reporter)
+        if client.client_id == 1:
+            reply.arrays = {k: np.full_like(v, np.nan) for k, v in reply.arrays.items()}
+        return reply
+
+    monkeypatch.setattr(fedavg, "train_client_adapter", poisoned)
+    cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, algorithm="fedavg"))
+    run_experiment(cfg, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rejected = [m for m in lines if m["metric"] == "rejected"]
+    assert [(m["round"], m["client"]) for m in rejected] == [(1, 1), (2, 1)]
+    assert "NaN" in rejected[0]["note"]
+    assert any(m["round"] == 2 and m["metric"] == "acc" for m in lines)  # the run went on
+
+    from fedcollm.loop import RoundError
+
+    strict = build_config(
+        tiny_config(tiny_llama, tiny_llama_big, algorithm="fedavg", robustness={"min_clients": 2})
+    )
+    with pytest.raises(RoundError, match=r"1 of 2 uploads accepted.*client 1: .*NaN"):
+        run_experiment(strict, tmp_path / "strict")

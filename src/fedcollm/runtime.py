@@ -64,15 +64,20 @@ class Metric:
     client: int | None
     metric: str
     value: float
+    note: str | None = None
+    """Free text where a number is not enough (e.g. why an upload was rejected)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        line: dict[str, Any] = {
             "round": self.round,
             "role": self.role,
             "client": self.client,
             "metric": self.metric,
             "value": self.value,
         }
+        if self.note is not None:
+            line["note"] = self.note
+        return line
 
 
 class Reporter:
