@@ -1,10 +1,15 @@
-"""Run one experiment end to end on the embedded engine: load, train, evaluate, record."""
+"""Run one experiment end to end: load, train, evaluate, record.
+
+`engine="local"` (default) runs every party in this process; `engine="flower"` runs the same
+experiment on Flower's simulation engine (`fedcollm.engines.flower`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from fedcollm.algorithms import ALGORITHMS
+from fedcollm.algorithms import ALGORITHMS, Algorithm
 from fedcollm.config import ExperimentConfig
 from fedcollm.engines.local import InProcessTransport
 from fedcollm.loop import run_rounds
@@ -18,6 +23,9 @@ from fedcollm.runtime import (
     load_models,
 )
 
+if TYPE_CHECKING:
+    from fedcollm.engines.flower import FlowerOptions
+
 
 def run_experiment(
     config: ExperimentConfig,
@@ -25,17 +33,32 @@ def run_experiment(
     *,
     overwrite: bool = False,
     reporter: Reporter | None = None,
+    engine: Literal["local", "flower"] = "local",
+    flower: FlowerOptions | None = None,
 ) -> RunRecorder:
-    """Run `config` in this process and write its run folder to `out`."""
+    """Run `config` and write its run folder to `out` (`flower`: options of the Flower engine)."""
+    if engine == "flower":
+        from fedcollm.engines.flower import run_simulation
+
+        return run_simulation(config, out, flower, overwrite=overwrite, reporter=reporter)
+    if engine != "local":
+        raise ValueError(f"unknown engine {engine!r}; use 'local' or 'flower'")
     reporter = reporter or Reporter()
+    algorithm, server, recorder = prepare_server(config, out, overwrite=overwrite, reporter=reporter)
+    client_models = load_client_models(config, server.slm)
+    clients = [ClientRuntime.create(config, server.data, k, lm) for k, lm in enumerate(client_models)]
+    run_rounds(algorithm, server, InProcessTransport(algorithm, clients, reporter), recorder, reporter)
+    return recorder
+
+
+def prepare_server(
+    config: ExperimentConfig, out: Path, *, overwrite: bool, reporter: Reporter
+) -> tuple[Algorithm, ServerRuntime, RunRecorder]:
+    """The algorithm, the server's runtime and the run folder: what every engine starts from."""
     algorithm = ALGORITHMS[config.algorithm](config)
     reporter.phase("loading data")
     data = ExperimentData.load(config)
     recorder = RunRecorder(out, config, overwrite=overwrite)
     reporter.phase("loading models")
     slm, llm = load_models(config, with_llm=algorithm.uses_llm)
-    server = ServerRuntime.create(config, data, slm, llm)
-    client_models = load_client_models(config, slm)
-    clients = [ClientRuntime.create(config, data, k, lm) for k, lm in enumerate(client_models)]
-    run_rounds(algorithm, server, InProcessTransport(algorithm, clients, reporter), recorder, reporter)
-    return recorder
+    return algorithm, ServerRuntime.create(config, data, slm, llm, run_dir=out), recorder

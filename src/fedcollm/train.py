@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 
 from fedcollm.config import TrainConfig
-from fedcollm.encoding import Encoded, batches, collate
+from fedcollm.encoding import Batch, Encoded, batches, collate
 from fedcollm.forward import answer_cross_entropy, target_logits
 
 StepCallback = Callable[[int, int, float], None]
@@ -58,6 +59,26 @@ def epoch_orders(n: int, epochs: int, seed: int) -> list[list[int]]:
     return [rng.permutation(n).tolist() for _ in range(epochs)]
 
 
+def weighted_answer_cross_entropy(logits: torch.Tensor, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over the batch's sequences of each one's mean answer-token cross-entropy.
+
+    `weights` [B] are >= 0. Rows of weight 0 are dropped before any loss term is formed, so they
+    contribute exactly zero gradient and do not enter the normaliser (the number of rows with a
+    positive weight); with all weights 1 and one target token per row this equals
+    `answer_cross_entropy`. Per-sequence means keep a one-token answer and a 60-token example
+    on the same footing (CrossLM trains on both).
+    """
+    keep = weights[batch.rows] > 0
+    rows = batch.rows[keep]
+    token_ce = F.cross_entropy(logits[keep], batch.targets[keep], reduction="none")
+    size = weights.numel()
+    per_row = torch.zeros(size, dtype=token_ce.dtype).index_add(0, rows, token_ce)
+    counts = torch.zeros(size, dtype=token_ce.dtype).index_add(0, rows, torch.ones_like(token_ce))
+    positive = weights > 0
+    mean_ce = per_row[positive] / counts[positive]
+    return (weights[positive].to(mean_ce.dtype) * mean_ce).sum() / positive.sum().clamp(min=1)
+
+
 def train_sft(
     model: PeftModel,
     examples: Sequence[Encoded],
@@ -68,10 +89,24 @@ def train_sft(
     seed: int,
     epochs: int | None = None,
     on_step: StepCallback | None = None,
+    weights: Sequence[float] | None = None,
 ) -> TrainResult:
-    """Fine-tune the model's adapter on `examples` for `epochs` (default `cfg.epochs`)."""
+    """Fine-tune the model's adapter on `examples` for `epochs` (default `cfg.epochs`).
+
+    `weights` (one per example, >= 0) turns the loss into a weighted likelihood
+    (`weighted_answer_cross_entropy`); examples of weight 0 are left out entirely.
+    """
+    row_weights = None
+    if weights is not None:
+        if len(weights) != len(examples):
+            raise ValueError(f"{len(weights)} weights for {len(examples)} examples")
+        if not all(np.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError("example weights must be finite and >= 0")
+        kept = [i for i, w in enumerate(weights) if w > 0]
+        examples = [examples[i] for i in kept]
+        row_weights = torch.tensor([float(weights[i]) for i in kept], dtype=torch.float32)
     if not examples:
-        raise ValueError("no training examples")
+        raise ValueError("no training examples" + (" with a positive weight" if weights is not None else ""))
     epochs = cfg.epochs if epochs is None else epochs
     orders = epoch_orders(len(examples), epochs, seed)
     steps_per_epoch = -(-len(examples) // cfg.batch_size)
@@ -83,7 +118,11 @@ def train_sft(
     for order in orders:
         for index in batches(examples, cfg.batch_size, order):
             batch = collate([examples[i] for i in index], pad_id)
-            loss = answer_cross_entropy(target_logits(model, batch), batch)
+            logits = target_logits(model, batch)
+            if row_weights is None:
+                loss = answer_cross_entropy(logits, batch)
+            else:
+                loss = weighted_answer_cross_entropy(logits, batch, row_weights[index])
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)

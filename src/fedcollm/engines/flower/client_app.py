@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -108,8 +109,9 @@ def _restore_state(runtime: ClientRuntime, context: Context) -> None:
 
 
 def _save_state(runtime: ClientRuntime, context: Context) -> None:
-    import numpy as np
-
+    """Keep `client.state`'s adapters and scalars in the node state (the inverse of restore)."""
+    for name in [n for n in context.state if n.startswith(_STATE_ARRAYS) or n == _STATE_SCALARS]:
+        del context.state[name]
     scalars: dict[str, Any] = {}
     for name, value in runtime.state.items():
         if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
@@ -170,7 +172,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     reply = algorithm.client_evaluate(client, payload, request.rnd, Reporter())
     _save_state(client, context)
     result = records.TrainResult(
-        client=client_id, num_examples=reply.num_examples, metrics=dict(reply.metrics),
+        client=client_id,
+        num_examples=reply.num_examples,
+        metrics=dict(reply.metrics),
         arrays=dict(reply.arrays),
     )
     return Message(result.to_record(), reply_to=msg)
@@ -194,7 +198,10 @@ def upload_held(msg: Message, context: Context) -> Message:
     asked = recorddict_to_fitins(msg.content, keep_input=True).config.get("round")
     if asked is not None and int(asked) != int(meta["round"]):
         raise RuntimeError(f"SecAgg+ round {asked} asked for the adapter of round {meta['round']}")
-    parameters = Parameters(tensors=[ndarray_to_bytes(a) for a in held.values()], tensor_type="numpy.ndarray")
+    # float64: SecAgg+ scales and quantises in the arrays' own precision, and float32 would lose
+    # several quantisation levels per value at 2**30 levels.
+    tensors = [ndarray_to_bytes(a.astype(np.float64)) for a in held.values()]
+    parameters = Parameters(tensors=tensors, tensor_type="numpy.ndarray")
     fitres = FitRes(
         status=Status(code=Code.OK, message="held adapter"),
         parameters=parameters,

@@ -8,6 +8,7 @@ Message types (the ClientApp registers one handler per type):
 - `train.local`  one round's local update (`Payload` in, `ClientReply` out). With `hold` set the
   client keeps its adapter in its node state and replies only its example count, metrics and a
   magnitude bound: the adapter then leaves the node only through SecAgg+.
+- `evaluate`     a client scores its own SLM (algorithms whose server never holds its adapter).
 - `train`        the SecAgg+ stages (Flower's `secaggplus_mod`), uploading the held adapter masked.
 """
 
@@ -23,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 HELLO = "query.hello"
 TRAIN_LOCAL = "train.local"
+EVALUATE = "evaluate"
 
 PAYLOAD_ARRAYS = "payload"
 PAYLOAD_CONFIG = "payload.config"

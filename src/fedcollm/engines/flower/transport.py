@@ -38,6 +38,45 @@ if TYPE_CHECKING:
     from fedcollm.runtime import ClientReply, Payload, Reporter
 
 
+class PollingGrid:
+    """A Grid whose `send_and_receive` polls often and stops waiting for nodes that went away.
+
+    Flower 1.41's network Grid sleeps 3 s between polls, which adds seconds to every message
+    exchange (SecAgg+ makes four per round). And a reply from a SuperNode that died is only
+    replaced by an error once the SuperLink has missed its heartbeats; here a message whose
+    destination has left the federation's online nodes is given up as soon as that is seen, so
+    callers treat the node as dropped out. Everything else is delegated unchanged.
+    """
+
+    def __init__(self, grid: Grid, interval: float = 0.25, liveness_every: float = 2.0) -> None:
+        self._grid = grid
+        self._interval = interval
+        self._liveness_every = liveness_every
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        destination = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True) if mid}
+        pending = set(destination)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_liveness = time.monotonic() + self._liveness_every
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            received = list(self._grid.pull_messages(pending))
+            replies += received
+            pending -= {m.metadata.reply_to_message_id for m in received}
+            if pending and time.monotonic() >= next_liveness:
+                online = set(self._grid.get_node_ids())
+                pending = {mid for mid in pending if destination[mid] in online}
+                next_liveness = time.monotonic() + self._liveness_every
+            if pending:
+                time.sleep(self._interval)
+        return replies
+
+
 class FlowerTransport:
     """Sends `train.local` messages to the SuperNodes; optionally aggregates with SecAgg+."""
 
@@ -50,7 +89,7 @@ class FlowerTransport:
     ) -> None:
         from fedcollm.runtime import Reporter
 
-        self.grid = grid
+        self.grid = PollingGrid(grid)
         self.config = config
         self.options = options
         self.reporter = reporter or Reporter()
@@ -90,7 +129,13 @@ class FlowerTransport:
                 )
             time.sleep(0.5)
 
-    def _discover(self) -> None:
+    def _discover(self, strict: bool = True) -> None:
+        """Forget nodes that went offline; ask new ones which client they are.
+
+        At the start (`strict`) a misconfigured SuperNode stops the run with the reason; during
+        the run it is only reported and left out (e.g. a restarted SuperNode whose old self the
+        SuperLink still lists as online).
+        """
         online = set(self.grid.get_node_ids())
         for node in set(self.clients) - online:
             del self.clients[node]
@@ -98,30 +143,38 @@ class FlowerTransport:
         if not new:
             return
         hello = [Message(RecordDict({}), dst_node_id=node, message_type=records.HELLO) for node in new]
-        for reply in self.grid.send_and_receive(hello, timeout=60.0):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise FlowerEngineError(
-                    f"SuperNode {node} failed to say which client it is: {reply.error.reason}"
-                )
-            info = reply.content.config_records[records.RUN]
-            client, declared = int(info["client"]), int(info["num_clients"])
-            if declared != self.num_clients or not 0 <= client < self.num_clients:
-                raise FlowerEngineError(
-                    f"SuperNode {node} has node config partition-id={client} "
-                    f"num-partitions={declared}, but the experiment has "
-                    f"{self.num_clients} clients (partition-id 0..{self.num_clients - 1})"
-                )
-            twin = [n for n, c in self.clients.items() if c == client and n in online]
-            if twin:
-                raise FlowerEngineError(
-                    f"SuperNodes {twin[0]} and {node} both have partition-id={client}; give "
-                    "every SuperNode its own partition-id"
-                )
-            self.clients[node] = client
+        replies = self.grid.send_and_receive(hello, timeout=60.0)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
+        for reply in replies:
+            node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            try:
+                self._register(node, reply, online)
+            except FlowerEngineError as exc:
+                if strict:
+                    raise
+                self.reporter.message(f"leaving SuperNode {node} out: {exc}")
+
+    def _register(self, node: int, reply: Message, online: set[int]) -> None:
+        if reply.has_error():
+            raise FlowerEngineError(f"SuperNode {node} failed to say which client it is: {_reason(reply)}")
+        info = reply.content.config_records[records.RUN]
+        client, declared = int(info["client"]), int(info["num_clients"])
+        if declared != self.num_clients or not 0 <= client < self.num_clients:
+            raise FlowerEngineError(
+                f"SuperNode {node} has node config partition-id={client} "
+                f"num-partitions={declared}, but the experiment has "
+                f"{self.num_clients} clients (partition-id 0..{self.num_clients - 1})"
+            )
+        twin = [n for n, c in self.clients.items() if c == client and n in online]
+        if twin:
+            raise FlowerEngineError(
+                f"SuperNodes {twin[0]} and {node} both have partition-id={client}; give "
+                "every SuperNode its own partition-id"
+            )
+        self.clients[node] = client
 
     def _targets(self, rnd: int) -> dict[int, int]:
-        self._discover()
+        self._discover(strict=False)
         targets = dict(sorted(self.clients.items(), key=lambda item: item[1]))
         absent = set(range(self.num_clients)) - set(targets.values())
         for client in sorted(absent):
@@ -144,7 +197,10 @@ class FlowerTransport:
     # ---------------------------------------------------------------------------------------
     # Local training
 
-    def _train(self, payload: Payload, rnd: int, *, hold: bool) -> list[tuple[int, records.TrainResult]]:
+    def _exchange(
+        self, payload: Payload, rnd: int, *, hold: bool = False, message_type: str = records.TRAIN_LOCAL
+    ) -> list[tuple[int, records.TrainResult]]:
+        """Send the payload to every connected client; return (node, result) in client order."""
         targets = self._targets(rnd)
         request = records.TrainRequest(
             rnd=rnd,
@@ -157,12 +213,12 @@ class FlowerTransport:
             Message(
                 request.to_record(),
                 dst_node_id=node,
-                message_type=records.TRAIN_LOCAL,
+                message_type=message_type,
                 group_id=str(rnd),
             )
             for node in targets
         ]
-        self.reporter.phase(f"round {rnd} · {len(messages)} clients training on their SuperNodes")
+        self.reporter.phase(f"round {rnd} · {len(messages)} SuperNodes: {message_type}")
         timeout = self.options.round_timeout or None
         results: list[tuple[int, records.TrainResult]] = []
         answered: set[int] = set()
@@ -186,15 +242,25 @@ class FlowerTransport:
                 )
             results.append((node, result))
         for client in sorted(set(targets.values()) - answered):
-            self._fail(rnd, client, "no reply before the round timeout")
+            self._fail(rnd, client, "no reply (SuperNode lost, or round-timeout reached)")
         results.sort(key=lambda item: item[1].client)
         return results
 
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
         from fedcollm.runtime import ClientReply
 
-        results = self._train(payload, rnd, hold=False)
+        results = self._exchange(payload, rnd)
         self._require(rnd, len(results), self.options.min_clients, "sent an update")
+        return [
+            ClientReply(client=r.client, arrays=r.arrays, num_examples=r.num_examples, metrics=r.metrics)
+            for _, r in results
+        ]
+
+    def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]:
+        """Clients evaluate their own SLMs (for algorithms whose server holds no client adapter)."""
+        from fedcollm.runtime import ClientReply
+
+        results = self._exchange(payload, rnd, message_type=records.EVALUATE)
         return [
             ClientReply(client=r.client, arrays=r.arrays, num_examples=r.num_examples, metrics=r.metrics)
             for _, r in results
@@ -207,7 +273,7 @@ class FlowerTransport:
         from fedcollm.loop import SecureAggregate
         from fedcollm.runtime import ClientReply
 
-        results = self._train(payload, rnd, hold=True)
+        results = self._exchange(payload, rnd, hold=True)
         self._require(rnd, len(results), self.options.min_clients, "trained")
         names = list(payload.arrays)
         for _, r in results:
@@ -236,6 +302,11 @@ class FlowerTransport:
         if len(kept) != len(stats):
             settings = _restrict(settings, stats, kept)
         self.secagg_error[rnd] = check_aggregate(settings, aggregate, self.options.secagg_tolerance)
+        self.reporter.message(
+            f"round {rnd}: SecAgg+ mean of {len(kept)} clients (clipping {settings.clipping_range:.4g}, "
+            f"{settings.quantization_range} levels, max weight {settings.max_weight:g}); quantisation "
+            f"error <= {self.secagg_error[rnd]:.2e} relative"
+        )
         replies = [
             ClientReply(
                 client=by_node[node].client,
@@ -267,8 +338,14 @@ def _restrict(settings: SecAggSettings, stats: list[ClientStats], kept: list[Cli
 
 
 def _reason(reply: Message) -> str:
+    """A client's error in one line: Flower's reasons can carry whole (Ray) tracebacks."""
     error = reply.error
-    return f"{error.reason or 'error'} (Flower error code {error.code})"
+    text = (error.reason or "error").strip()
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    short = (lines[-1] if lines else text).removesuffix("'>")
+    return f"{short[:400]} (Flower error code {error.code})"
 
 
 def _client_of_error(reply: Message, messages: Iterable[Message], targets: dict[int, int]) -> int | None:
@@ -276,6 +353,49 @@ def _client_of_error(reply: Message, messages: Iterable[Message], targets: dict[
         if message.metadata.message_id == reply.metadata.reply_to_message_id:
             return targets.get(message.metadata.dst_node_id)
     return None
+
+
+def _secaggplus_workflow() -> type:
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    class DropoutSafe(SecAggPlusWorkflow):
+        """Flower 1.41's SecAgg+ workflow, made to survive clients lost before sharing their keys.
+
+        Flower's unmask stage asks the survivors for key shares of *every* client sampled at
+        setup, so a client that died before the share-keys stage (it has no shares anywhere,
+        and nobody masked against it) makes the surviving clients fail (they hold no share of
+        it) and the round halt; and for a client lost during the upload it cancels masks
+        toward all its original neighbours, not only those that applied them. Here, once keys
+        are shared, only the clients that shared them count as sampled, each one's neighbours
+        are those that shared keys too, and a client lost during the upload has its masks
+        cancelled only toward the neighbours that uploaded. The client side is unchanged.
+        """
+
+        shared: set[int] | None = None
+
+        def _check_threshold(self, state):  # type: ignore[no-untyped-def]
+            relevant = self.shared if self.shared is not None else state.active_node_ids
+            for node in relevant:
+                if len(state.nid_to_neighbours[node] & state.active_node_ids) < state.threshold:
+                    return False
+            return True
+
+        def share_keys_stage(self, grid, context, state):  # type: ignore[no-untyped-def]
+            ok = super().share_keys_stage(grid, context, state)
+            self.shared = set(state.active_node_ids)
+            return ok and self._check_threshold(state)
+
+        def unmask_stage(self, grid, context, state):  # type: ignore[no-untyped-def]
+            shared, uploaded = self.shared or set(), state.active_node_ids
+            state.sampled_node_ids = set(shared)
+            for node in shared:
+                neighbours = state.nid_to_neighbours[node] & shared
+                if node not in uploaded:
+                    neighbours = (neighbours & uploaded) | {node}
+                state.nid_to_neighbours[node] = neighbours
+            return super().unmask_stage(grid, context, state)
+
+    return DropoutSafe
 
 
 def run_secagg(
@@ -297,7 +417,6 @@ def run_secagg(
     from flwr.server.compat.grid_client_proxy import GridClientProxy
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.strategy import Strategy
-    from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
     from flwr.server.workflow.constant import Key as WorkflowKey
 
@@ -343,7 +462,7 @@ def run_secagg(
     )
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    workflow = SecAggPlusWorkflow(
+    workflow = _secaggplus_workflow()(
         num_shares=settings.num_shares,
         reconstruction_threshold=settings.threshold,
         max_weight=settings.max_weight,

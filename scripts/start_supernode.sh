@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Start the SuperNode of client K on its machine (foreground; Ctrl-C stops it). The node config
+# tells it which client it is; its private data stays in this process and the ClientApp
+# processes it starts.
+#
+#   scripts/start_supernode.sh --superlink HOST:PORT --partition-id K --num-partitions N
+#                              [--ca FILE] [--key FILE] [--port PORT] [--home DIR]
+#
+#   --ca FILE     the CA certificate that signed the SuperLink's (TLS); without it: --insecure
+#   --key FILE    this SuperNode's private key, when the SuperLink runs with --auth
+#   --port PORT   this SuperNode's local Runtime API port (default 9094; must differ between
+#                 SuperNodes on one machine)
+#   --home DIR    FLWR_HOME (default ./.flwr/supernode-K)
+set -euo pipefail
+source "$(dirname "$0")/_flower_env.sh"
+superlink="" partition="" partitions="" ca="" key="" port=9094 home=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --superlink) superlink=$2; shift 2 ;;
+    --partition-id) partition=$2; shift 2 ;;
+    --num-partitions) partitions=$2; shift 2 ;;
+    --ca) ca=$2; shift 2 ;;
+    --key) key=$2; shift 2 ;;
+    --port) port=$2; shift 2 ;;
+    --home) home=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+: "${superlink:?--superlink HOST:PORT is required}" "${partition:?--partition-id is required}"
+: "${partitions:?--num-partitions is required}"
+export FLWR_HOME="${home:-$PWD/.flwr/supernode-$partition}"
+mkdir -p "$FLWR_HOME"
+args=(flower-supernode --superlink "$superlink" --port "$port"
+      --node-config "partition-id=$partition num-partitions=$partitions")
+if [[ -n "$ca" ]]; then args+=(--root-certificates "$ca"); else args+=(--insecure); fi
+if [[ -n "$key" ]]; then args+=(--auth-supernode-private-key "$key"); fi
+run "${args[@]}"

@@ -1,0 +1,457 @@
+"""CrossLM (Deng et al., 2023, arXiv 2312.05842): SLMs steer the LLM's synthetic task data.
+
+Only the paper's abstract is public; the mechanism below is issue 7's, and every choice the
+abstract leaves open is listed in docs/algorithms/crosslm.md. One round t, in the loop's hooks:
+
+- `configure_fit` (server): the LLM writes N candidate examples of the task from a task
+  description and a few auxiliary-set demonstrations; malformed ones are discarded and counted.
+  The payload carries the valid candidates C_t and the synthetic set S_{t-1} selected last round.
+- `client_fit`: each client LoRA-trains its own SLM on its private shard plus S_{t-1} (round 1:
+  the shard alone), then scores every candidate of C_t with it (its probability of the labelled
+  choice among the choices) and replies with those floats only.
+- `aggregate_fit`: the example-weighted mean of the score vectors (FedAvg's mean, so it can run
+  under secure aggregation on the Flower engine).
+- `server_update`: the LLM's LoRA trains on C_t with a feedback-weighted likelihood (weight 0
+  below `crosslm.score_threshold`) on two objectives, answering each candidate and writing it
+  after the generation prompt; the candidates with a positive weight become S_t. Every
+  generation of the round is written to `<run>/synthetic/round_<t>.jsonl`.
+
+With `crosslm.closing_round` the loop runs one more round in which the clients train on S_T and
+score the final LLM's candidates, while the LLM is left as it is. Clients never send adapters:
+each keeps its own (as in Standalone) and evaluates it itself. Besides the target task, the LLM is
+evaluated on a held-out task it never trains on (metrics `heldout_*`, role "llm").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedcollm.algorithms.base import Algorithm, evaluate_role, register
+from fedcollm.config import ExperimentConfig
+from fedcollm.data import MCQuestion, load_questions, render, sample_indices
+from fedcollm.encoding import Encoded, encode_pair
+from fedcollm.evaluate import EncodedRequests, encode_requests, evaluate, sequence_loglikelihoods
+from fedcollm.models import Arrays, LoadedModel, get_adapter, set_adapter
+from fedcollm.runtime import (
+    ClientReply,
+    ClientRuntime,
+    Metric,
+    Payload,
+    Reporter,
+    ServerRuntime,
+    derive_seed,
+    encode_sft,
+    pad_id,
+)
+from fedcollm.synthetic import (
+    OK,
+    STATUSES,
+    GeneratedRecord,
+    SamplingSettings,
+    build_prompt,
+    completion_of,
+    generate_texts,
+    mark_duplicates,
+    pack_questions,
+    parse_generation,
+    shuffle_choices,
+    task_description,
+    unpack_questions,
+    write_jsonl,
+)
+from fedcollm.train import train_sft
+
+CANDIDATES = "crosslm.candidates"
+"""Payload arrays: this round's candidates, which every client scores."""
+SYNTHETIC = "crosslm.synthetic"
+"""Payload arrays: last round's selected synthetic set, which every client trains on."""
+FEEDBACK = "crosslm.feedback"
+"""Reply array: [1, s_1, ..., s_n]; the leading 1 must average to 1 (a check on the aggregate)."""
+_PREFIX = "crosslm."
+_CHECK_TOLERANCE = 1e-3
+_REPORTER = "crosslm.reporter"
+
+
+def feedback_weights(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Per-candidate training weights: the score itself if at least `threshold`, else 0.
+
+    Rescaled so the positive weights average 1, which keeps the LLM's step size independent of
+    how confident the SLMs happen to be while better-scored candidates still weigh more.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    weights = np.where(scores >= threshold, scores, 0.0)
+    positive = weights > 0
+    if positive.any():
+        weights[positive] /= weights[positive].mean()
+    return weights
+
+
+def choice_probabilities(
+    lm: LoadedModel,
+    questions: Sequence[MCQuestion],
+    *,
+    task: str,
+    fmt: str,
+    max_length: int,
+    batch_size: int,
+) -> np.ndarray:
+    """For each question, the model's probability of its labelled choice among its choices.
+
+    The softmax over the choices' summed continuation log-likelihoods (the quantity `acc` takes
+    the argmax of), rendered in the task's own prompt format.
+    """
+    if not questions:
+        return np.zeros(0, dtype=np.float64)
+    requests = [render(task, q, fmt) for q in questions]
+    encoded = encode_requests(lm.tokenizer, requests, add_bos=lm.add_bos, max_length=max_length)
+    lls = sequence_loglikelihoods(lm.model, encoded.sequences, pad_id(lm), batch_size)
+    question_of = np.asarray(encoded.question_of)
+    out = np.zeros(len(questions), dtype=np.float64)
+    for i, q in enumerate(questions):
+        ll = lls[question_of == i]
+        p = np.exp(ll - ll.max())
+        out[i] = p[q.gold] / p.sum()
+    return out
+
+
+@dataclass
+class RoundData:
+    """What the server generated in one round, kept until the feedback arrives."""
+
+    records: list[GeneratedRecord]
+    prompts: list[str]
+
+    @property
+    def valid(self) -> list[GeneratedRecord]:
+        return [r for r in self.records if r.status == OK]
+
+
+@register
+class CrossLM(Algorithm):
+    """Synthetic task data from the LLM, scored by the clients' SLMs, trains both sides."""
+
+    name = "crosslm"
+    uses_llm = True
+    secure_aggregation = True
+    evaluates_on_clients = True
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        super().__init__(config)
+        cfg = config.crosslm
+        if config.llm is None:
+            raise ValueError("CrossLM needs an [llm] section (the server's LLM generates the data)")
+        if config.task.aux_fraction <= 0 and cfg.shots > 0:
+            raise ValueError(
+                "CrossLM takes its demonstrations from the server's auxiliary set: set "
+                "task.aux_fraction > 0 (or crosslm.shots = 0)"
+            )
+        if cfg.heldout_task == config.task.name:
+            raise ValueError(
+                f"crosslm.heldout_task must differ from the task the LLM trains on ({config.task.name!r})"
+            )
+
+    def num_rounds(self) -> int:
+        """T rounds, plus the closing round in which the SLMs train on the last selected set."""
+        return self.config.federation.rounds + int(self.config.crosslm.closing_round)
+
+    def _closing(self, rnd: int) -> bool:
+        return rnd > self.config.federation.rounds
+
+    # ------------------------------------------------------------------ server: generation
+
+    def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
+        """Generate this round's candidates; send them with last round's selection."""
+        generated = self._generate(server, rnd)
+        server.state.setdefault("generated", {})[rnd] = generated
+        valid = [r.question for r in generated.valid if r.question is not None]
+        selected: list[MCQuestion] = server.state.get("selected", [])
+        arrays: Arrays = dict(server.global_adapter) if rnd == 1 else {}
+        arrays |= pack_questions(valid, CANDIDATES) | pack_questions(selected, SYNTHETIC)
+        return Payload(arrays, {"round": rnd, "candidates": len(valid), "synthetic": len(selected)})
+
+    def _generate(self, server: ServerRuntime, rnd: int) -> RoundData:
+        config, cfg = self.config, self.config.crosslm
+        llm = server.model("llm")
+        pool = [server.data.train[i] for i in server.data.split.aux]
+        choice_counts = {len(q.choices) for q in pool} or {len(server.data.train[0].choices)}
+        description = task_description(config.task.name, cfg.task_description)
+        rng = np.random.default_rng(derive_seed(config.seed, rnd, 7))
+        demos = [
+            [pool[int(i)] for i in rng.choice(len(pool), size=min(cfg.shots, len(pool)), replace=False)]
+            for _ in range(cfg.num_candidates)
+        ]
+        prompts = [build_prompt(description, d) for d in demos]
+        settings = SamplingSettings(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.generation_batch_size,
+        )
+        # `configure_fit` gets no reporter: reuse the one the loop passed to the previous hook.
+        reporter: Reporter = server.state.get(_REPORTER) or Reporter()
+        reporter.phase(f"round {rnd} · {llm.name} writing {cfg.num_candidates} candidate examples")
+        generations = generate_texts(
+            llm.model,
+            llm.tokenizer,
+            prompts,
+            add_bos=llm.add_bos,
+            settings=settings,
+            seed=derive_seed(config.seed, rnd, 8),
+            on_batch=lambda b, total: reporter.advance(b, total),
+        )
+        parsed = [
+            parse_generation(
+                g.text, choice_counts=choice_counts, finished=g.finished, question_id=f"r{rnd}-{i}"
+            )
+            for i, g in enumerate(generations)
+        ]
+        parsed = mark_duplicates(parsed, pool, server.data.eval_questions)
+        shuffle_rng = np.random.default_rng(derive_seed(config.seed, rnd, 9))
+        records = []
+        for i, (g, p) in enumerate(zip(generations, parsed, strict=True)):
+            question = p.question
+            if p.ok and question is not None and cfg.shuffle_choices:
+                question = shuffle_choices(question, shuffle_rng)
+            records.append(
+                GeneratedRecord(
+                    round=rnd,
+                    index=i,
+                    status=p.status,
+                    reason=p.reason,
+                    raw=g.text,
+                    demonstrations=[q.id for q in demos[i]],
+                    question=question,
+                )
+            )
+        return RoundData(records, prompts)
+
+    # ------------------------------------------------------------------ client
+
+    def client_fit(
+        self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
+    ) -> ClientReply:
+        """Train the own SLM on private data plus the synthetic set, then score the candidates."""
+        config = self.config
+        initial = {k: v for k, v in payload.arrays.items() if not k.startswith(_PREFIX)}
+        start = client.state.get("adapter", initial)
+        if not start:
+            raise RuntimeError(f"client {client.client_id} has no SLM adapter to continue from")
+        set_adapter(client.slm.model, start)
+        synthetic = unpack_questions(payload.arrays, SYNTHETIC)
+        examples = list(client.train) + self._encode_questions(client.slm, synthetic)
+        reporter.phase(
+            f"round {rnd} · client {client.client_id} training on {len(client.train)} own + "
+            f"{len(synthetic)} synthetic examples"
+        )
+        result = train_sft(
+            client.slm.model,
+            examples,
+            pad_id=pad_id(client.slm),
+            lr=config.slm.lr,
+            cfg=config.train,
+            seed=derive_seed(config.seed, rnd, 100 + client.client_id),
+            on_step=reporter.step_callback(),
+        )
+        client.state["adapter"] = get_adapter(client.slm.model)
+        candidates = unpack_questions(payload.arrays, CANDIDATES)
+        reporter.phase(f"round {rnd} · client {client.client_id} scoring {len(candidates)} candidates")
+        scores = choice_probabilities(
+            client.slm,
+            candidates,
+            task=config.task.name,
+            fmt=config.task.format,
+            max_length=config.train.max_length,
+            batch_size=config.eval.batch_size,
+        )
+        feedback = np.concatenate([[1.0], scores]).astype(np.float32)
+        return ClientReply(
+            client=client.client_id,
+            arrays={FEEDBACK: feedback},
+            num_examples=len(client.train),
+            metrics={
+                "train_loss": result.mean_loss,
+                "steps": float(result.steps),
+                "synthetic_examples": float(len(synthetic)),
+            },
+        )
+
+    def _encode_questions(self, lm: LoadedModel, questions: Sequence[MCQuestion]) -> list[Encoded]:
+        config = self.config
+        requests = [render(config.task.name, q, config.task.format) for q in questions]
+        return encode_sft(lm, requests, config.train.max_length)
+
+    # ------------------------------------------------------------------ server: feedback, LLM update
+
+    def server_update(
+        self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
+    ) -> list[Metric]:
+        """Weigh the candidates by the mean feedback, train the LLM, select S_t, save the round."""
+        cfg = self.config.crosslm
+        server.state[_REPORTER] = reporter
+        generated: RoundData = server.state["generated"].pop(rnd)
+        valid = generated.valid
+        scores = self._scores(aggregate, len(valid), rnd)
+        weights = feedback_weights(scores, cfg.score_threshold)
+        for record, score, weight in zip(valid, scores, weights, strict=True):
+            record.score, record.weight, record.selected = float(score), float(weight), bool(weight > 0)
+        metrics = self._generation_metrics(generated, scores, weights, rnd)
+        if not self._closing(rnd):
+            server.state["selected"] = [r.question for r in valid if r.selected]
+            if (weights > 0).any():
+                metrics.append(self._train_llm(server, generated, weights, rnd, reporter))
+                server.state["llm_version"] = server.state.get("llm_version", 0) + 1
+            else:
+                reporter.message(f"round {rnd}: no candidate reached the score threshold; LLM unchanged")
+        if server.run_dir is not None:
+            write_jsonl(server.run_dir / "synthetic" / f"round_{rnd}.jsonl", generated.records)
+        return metrics
+
+    def _scores(self, aggregate: Arrays, n: int, rnd: int) -> np.ndarray:
+        feedback = np.asarray(aggregate.get(FEEDBACK, np.ones(1)), dtype=np.float64)
+        if feedback.shape != (n + 1,):
+            raise ValueError(f"round {rnd}: feedback for {feedback.size - 1} candidates, expected {n}")
+        if abs(feedback[0] - 1.0) > _CHECK_TOLERANCE:
+            raise ValueError(
+                f"round {rnd}: the aggregated feedback check is {feedback[0]:.6f}, not 1: the mean is not "
+                "a weighted mean of the clients' scores (aggregation or quantisation error)"
+            )
+        return feedback[1:]
+
+    def _generation_metrics(
+        self, generated: RoundData, scores: np.ndarray, weights: np.ndarray, rnd: int
+    ) -> list[Metric]:
+        counts = Counter(r.status for r in generated.records)
+        total = len(generated.records)
+        kept = weights > 0
+        values: dict[str, float] = {
+            "generated": float(total),
+            "valid": float(counts[OK]),
+            "discard_rate": (total - counts[OK]) / total if total else 0.0,
+            "feedback_mean": float(scores.mean()) if scores.size else float("nan"),
+            "selected": float(kept.sum()),
+            "selected_feedback_mean": float(scores[kept].mean()) if kept.any() else float("nan"),
+        }
+        values |= {f"discarded_{s}": float(counts[s]) for s in STATUSES if s != OK}
+        golds = [r.question.gold for r in generated.valid if r.question is not None]
+        if golds:
+            values["gold_letter_max_share"] = float(max(Counter(golds).values()) / len(golds))
+        return [Metric(rnd, "server", None, key, value) for key, value in values.items()]
+
+    def _train_llm(
+        self, server: ServerRuntime, generated: RoundData, weights: np.ndarray, rnd: int, reporter: Reporter
+    ) -> Metric:
+        config, cfg = self.config, self.config.crosslm
+        llm = server.model("llm")
+        assert config.llm is not None
+        examples: list[Encoded] = []
+        example_weights: list[float] = []
+        for record, weight in zip(generated.valid, weights, strict=True):
+            if weight <= 0 or record.question is None:
+                continue
+            question = record.question
+            examples += self._encode_questions(llm, [question])
+            example_weights.append(float(weight))
+            if cfg.generation_loss_weight > 0:
+                examples.append(
+                    encode_pair(
+                        llm.tokenizer,
+                        generated.prompts[record.index],
+                        completion_of(question),
+                        add_bos=llm.add_bos,
+                        max_length=config.train.max_length,
+                    )
+                )
+                example_weights.append(float(weight) * cfg.generation_loss_weight)
+        reporter.phase(f"round {rnd} · {llm.name} training on {len(examples)} weighted examples")
+        result = train_sft(
+            llm.model,
+            examples,
+            pad_id=pad_id(llm),
+            lr=config.llm.lr,
+            cfg=config.train,
+            seed=derive_seed(config.seed, rnd, 2),
+            epochs=cfg.llm_epochs,
+            on_step=reporter.step_callback(),
+            weights=example_weights,
+        )
+        return Metric(rnd, "llm", None, "train_loss", result.mean_loss)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_roles(self, server: ServerRuntime) -> list[str]:
+        """The server evaluates only its LLM; clients evaluate their own SLMs."""
+        return [role for role in super().eval_roles(server) if role == "llm"]
+
+    def evaluate(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> list[Metric]:
+        """The LLM on the target task and on the held-out task (reused while the LLM is unchanged)."""
+        server.state[_REPORTER] = reporter
+        if "llm" not in self.eval_roles(server):
+            return []
+        version = server.state.get("llm_version", 0)
+        cached = server.state.get("llm_eval")
+        if cached is not None and cached[0] == version:
+            return [Metric(rnd, m.role, m.client, m.metric, m.value) for m in cached[1]]
+        metrics = evaluate_role(self, server, "llm", rnd, reporter) + self._heldout(server, rnd, reporter)
+        server.state["llm_eval"] = (version, tuple(metrics))
+        return metrics
+
+    def _heldout(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> list[Metric]:
+        config, cfg = self.config, self.config.crosslm
+        if cfg.heldout_task is None:
+            return []
+        llm = server.model("llm")
+        if "heldout" not in server.state:
+            pool = load_questions(cfg.heldout_task, cfg.heldout_split, cfg.heldout_source)
+            chosen = sample_indices(len(pool), cfg.heldout_limit, config.seed)
+            requests = [render(cfg.heldout_task, pool[i], cfg.heldout_format) for i in chosen]
+            server.state["heldout"] = encode_requests(
+                llm.tokenizer, requests, add_bos=llm.add_bos, max_length=config.train.max_length
+            )
+        encoded: EncodedRequests = server.state["heldout"]
+        reporter.phase(f"round {rnd} · evaluating llm ({llm.name}) on held-out {cfg.heldout_task}")
+        result = evaluate(
+            llm.model,
+            llm.tokenizer,
+            encoded,
+            add_bos=llm.add_bos,
+            batch_size=config.eval.batch_size,
+            on_batch=lambda b, total: reporter.advance(b, total),
+        )
+        return [Metric(rnd, "llm", None, f"heldout_{k}", v) for k, v in result.summary().items()]
+
+    def results_extra(self, metrics: Sequence[Metric], communication: dict[str, Any]) -> list[str]:
+        """Held-out accuracy of the LLM and the synthetic data's quality per round, for results.md."""
+        cfg = self.config.crosslm
+        lines: list[str] = []
+        heldout = {m.round: m.value for m in metrics if m.role == "llm" and m.metric == "heldout_acc"}
+        if heldout:
+            first, last = min(heldout), max(heldout)
+            lines += [
+                f"LLM on the held-out task {cfg.heldout_task} (never trained on): acc "
+                f"{100 * heldout[first]:.1f} before, {100 * heldout[last]:.1f} after.",
+                "",
+            ]
+        per_round: dict[int, dict[str, float]] = {}
+        for m in metrics:
+            if m.role == "server" and m.client is None:
+                per_round.setdefault(m.round, {})[m.metric] = m.value
+        if per_round:
+            lines += [
+                "| round | generated | valid | discard rate | mean feedback | selected |",
+                "|---|---|---|---|---|---|",
+            ]
+            for rnd in sorted(per_round):
+                row = per_round[rnd]
+                feedback, rate = row.get("feedback_mean", float("nan")), row.get("discard_rate", 0.0)
+                lines.append(
+                    f"| {rnd} | {row.get('generated', 0):.0f} | {row.get('valid', 0):.0f} | "
+                    f"{100 * rate:.0f}% | {feedback:.3f} | {row.get('selected', 0):.0f} |"
+                )
+            lines.append("")
+        return lines

@@ -1,0 +1,21 @@
+"""The Flower engine: the same experiments on Flower (`flwr`) — simulation, deployment, SecAgg+.
+
+- `client_app.app` / `server_app.app`: the Flower App declared in `pyproject.toml`
+  (`[tool.flwr.app.components]`), runnable with `flwr run`.
+- `run_simulation`: `fedcollm run CONFIG --engine flower` (Flower's simulation engine).
+- `deploy`: SuperLink + K SuperNodes as separate processes (`fedcollm deploy`), TLS certificates.
+- `transport.FlowerTransport`: the `Transport` the round loop uses; `secagg`: SecAgg+ settings.
+
+Nothing here implements an algorithm: the ClientApp calls the algorithm's `client_fit`, the
+ServerApp runs `fedcollm.loop.run_rounds`, exactly as the embedded engine does.
+"""
+
+import os
+
+# Flower reads this once, when its telemetry module is first imported: set it before any import.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from fedcollm.engines.flower.options import FlowerEngineError, FlowerOptions
+from fedcollm.engines.flower.simulation import run_simulation
+
+__all__ = ["FlowerEngineError", "FlowerOptions", "run_simulation"]

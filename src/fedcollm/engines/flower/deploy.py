@@ -1,0 +1,545 @@
+"""Deployment on Flower: a SuperLink and K SuperNodes as separate processes, and runs on them.
+
+On real machines each party runs one command (see `docs/deployment.md` and `scripts/`):
+
+    server:    flower-superlink --ssl-certfile ... --host 0.0.0.0 --port 9093
+    client k:  flower-supernode --superlink SERVER:9093 --root-certificates ca.pem \
+                   --node-config 'partition-id=k num-partitions=K'
+    anyone:    flwr run . fedcollm --run-config 'experiment="/abs/config.toml" ...'
+
+`LocalFederation` does the same on 127.0.0.1 (for `fedcollm deploy`, the tests and the bench):
+every process in its own process group with its own `FLWR_HOME` under the work folder,
+telemetry and runtime dependency installation off, and everything it started — including the
+SuperExec, ServerApp and ClientApp processes Flower spawns detached — stopped on exit, also
+when the run fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcollm.engines.flower.options import FlowerEngineError
+
+REPO = Path(__file__).resolve().parents[4]
+SCRIPTS = REPO / "scripts"
+
+
+def app_dir() -> Path:
+    """The folder whose `pyproject.toml` declares the Flower App (the repository root)."""
+    if (REPO / "pyproject.toml").is_file() and "[tool.flwr.app]" in (REPO / "pyproject.toml").read_text():
+        return REPO
+    raise FlowerEngineError(
+        f"no Flower App found at {REPO} (pyproject.toml with [tool.flwr.app]); run from a "
+        "checkout of the fedcollm repository"
+    )
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for one Flower process: own FLWR_HOME, no telemetry, no dependency installs."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home.resolve()),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        # SuperExec checks for new ServerApp/ClientApp tasks every second by default.
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",
+        # Flower starts `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name.
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise FlowerEngineError(f"process {proc.args!r} exited with code {proc.returncode}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FlowerEngineError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# Process bookkeeping (Linux /proc; elsewhere only the process groups are signalled).
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, grandchildren, ...)."""
+    if not Path("/proc").is_dir():
+        return []
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, a unique identity."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
+def _alive(pid: int, start: str | None = None) -> bool:
+    """Whether `pid` runs (not a zombie) and, if `start` is given, is still the same process."""
+    fields = _stat(pid)
+    if fields is None or fields[0] == "Z":
+        return False
+    return start is None or fields[19] == start
+
+
+@dataclass
+class Managed:
+    """A process we started, in its own process group, with what it spawned.
+
+    Spawned processes are remembered with their start times, so a pid the system has since
+    reused for someone else's process is never signalled.
+    """
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    known: dict[int, str | None] = field(default_factory=dict)
+
+    def remember(self) -> None:
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            if pid not in self.known:
+                self.known[pid] = _start_time(pid)
+
+    def live(self) -> list[int]:
+        self.remember()
+        return [pid for pid, start in self.known.items() if _alive(pid, start)]
+
+    def signal(self, sig: int) -> None:
+        pids = self.live()
+        own_group = os.getpgid(0)
+        groups = set()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                groups.add(os.getpgid(pid))
+        for group in groups - {own_group}:
+            with contextlib.suppress(OSError):
+                os.killpg(group, sig)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.live():
+            self.proc.poll()
+            time.sleep(0.1)
+        if self.live():
+            self.signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunStatus:
+    run_id: int
+    status: str
+    """Flower's status string, e.g. 'finished:completed', 'finished:failed', 'running'."""
+
+    @property
+    def finished(self) -> bool:
+        return self.status.startswith("finished")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+class LocalFederation:
+    """A SuperLink and K SuperNodes on this machine, each a separate process (group).
+
+    `tls` makes a local CA and certificates with `scripts/make_certs.sh` and uses them between
+    the SuperNodes, the CLI and the SuperLink; `auth` (needs `tls`) also gives every SuperNode
+    a key pair, registers the public keys with the SuperLink (`flwr supernode register`) and
+    starts the SuperLink with `--enable-supernode-auth`, so only those SuperNodes may connect.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        num_clients: int,
+        *,
+        tls: bool = False,
+        auth: bool = False,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 60.0,
+    ) -> None:
+        if auth and not tls:
+            raise FlowerEngineError("SuperNode authentication needs TLS (Flower refuses it otherwise)")
+        self.workdir = workdir.resolve()
+        self.num_clients = num_clients
+        self.tls = tls
+        self.auth = auth
+        self.host = host
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self.superlink: Managed | None = None
+        self.supernodes: dict[int, Managed] = {}
+        self.certs = self.workdir / "certificates"
+        self.keys = self.workdir / "keys"
+        self.logs = self.workdir / "logs"
+        self.homes = self.workdir / ".flwr"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if self.tls and not (self.certs / "ca.crt").is_file():
+            run_script("make_certs.sh", str(self.certs), self.host)
+        self.port = free_port(self.host)
+        self.start_superlink()
+        self._write_cli_config()
+        if self.auth:
+            self._register_supernodes()
+        for k in range(self.num_clients):
+            self.start_supernode(k)
+
+    def stop(self) -> None:
+        """Stop every process this federation started (SuperNodes first, then the SuperLink)."""
+        for managed in [*self.supernodes.values(), *([self.superlink] if self.superlink else [])]:
+            managed.stop()
+
+    def leftover_pids(self) -> list[int]:
+        """Processes started by this federation that are still alive (should be none after stop)."""
+        managed = [*self.supernodes.values(), *([self.superlink] if self.superlink else [])]
+        return sorted(p for m in managed for p, start in m.known.items() if _alive(p, start))
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> Managed:
+        log = self.logs / f"{name}.log"
+        handle = log.open("ab")
+        proc = subprocess.Popen(
+            args,
+            cwd=self.workdir,
+            env=flower_env(self.homes / name),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        handle.close()
+        return Managed(name, proc, log)
+
+    def superlink_command(self) -> list[str]:
+        return superlink_command(self.host, self.port, self.certs if self.tls else None, auth=self.auth)
+
+    def start_superlink(self) -> None:
+        self.superlink = self._spawn("superlink", self.superlink_command())
+        wait_for_port(self.host, self.port, self.startup_timeout, self.superlink.proc)
+        self.superlink.remember()
+
+    def start_supernode(self, client: int) -> None:
+        args = supernode_command(
+            f"{self.host}:{self.port}",
+            client,
+            self.num_clients,
+            runtime_port=free_port(self.host),
+            ca=self.certs / "ca.crt" if self.tls else None,
+            private_key=self.keys / f"supernode-{client}" if self.auth else None,
+        )
+        self.supernodes[client] = self._spawn(f"supernode-{client}", args)
+
+    def kill_supernode(self, client: int) -> None:
+        """Kill a SuperNode and what it spawned at once (SIGKILL), as a crashing machine would."""
+        node = self.supernodes[client]
+        node.signal(signal.SIGKILL)
+        node.proc.wait(timeout=10)
+
+    # -- the flwr CLI --------------------------------------------------------------------------
+
+    def _write_cli_config(self) -> None:
+        home = self.homes / "cli"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            cli_config(f"{self.host}:{self.port}", self.certs / "ca.crt" if self.tls else None),
+            encoding="utf-8",
+        )
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run a `flwr` CLI command against this federation's SuperLink."""
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), *args],
+            cwd=self.workdir,
+            env=flower_env(self.homes / "cli"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
+        if result.returncode != 0:
+            raise FlowerEngineError(
+                f"flwr {' '.join(args[:2])} failed ({result.returncode}): "
+                f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
+            )
+        return result
+
+    def _register_supernodes(self) -> None:
+        self.keys.mkdir(parents=True, exist_ok=True)
+        for k in range(self.num_clients):
+            key = self.keys / f"supernode-{k}"
+            if not key.is_file():
+                subprocess.run(
+                    [
+                        "ssh-keygen",
+                        "-q",
+                        "-t",
+                        "ecdsa",
+                        "-b",
+                        "384",
+                        "-N",
+                        "",
+                        "-f",
+                        str(key),
+                        "-C",
+                        f"supernode-{k}",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+            self.flwr("supernode", "register", str(key.with_suffix(".pub")), "fedcollm")
+
+    def submit(self, run_config: Mapping[str, Any], app: Path | None = None) -> int:
+        """Start a run of the Flower App; returns its run id."""
+        result = self.flwr(
+            "run",
+            str(app or app_dir()),
+            "fedcollm",
+            "--run-config",
+            run_config_arg(run_config),
+            "--format",
+            "json",
+        )
+        payload = _last_json(result.stdout)
+        if not payload.get("success"):
+            raise FlowerEngineError(f"flwr run did not start the run: {result.stdout[-2000:]}")
+        return int(payload["run-id"])
+
+    def status(self, run_id: int) -> RunStatus:
+        result = self.flwr("ls", "fedcollm", "--run-id", str(run_id), "--format", "json")
+        payload = _last_json(result.stdout)
+        runs = payload.get("runs", [])
+        if not runs:
+            raise FlowerEngineError(f"the SuperLink does not know run {run_id}: {result.stdout[-500:]}")
+        return RunStatus(run_id, str(runs[0].get("status", "")))
+
+    def wait(self, run_id: int, timeout: float = 3600.0, poll: float = 2.0) -> RunStatus:
+        """Wait until the run finishes; raise if it fails, times out or the SuperLink dies."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.superlink is None or not self.superlink.running():
+                raise FlowerEngineError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
+            self.superlink.remember()
+            for node in self.supernodes.values():
+                if node.running():
+                    node.remember()
+            state = self.status(run_id)
+            if state.finished:
+                if not state.ok:
+                    raise FlowerEngineError(
+                        f"run {run_id} ended as {state.status}:\n{self.run_log(run_id)[-4000:]}"
+                    )
+                return state
+            if time.monotonic() > deadline:
+                self.flwr("stop", str(run_id), "fedcollm")
+                raise FlowerEngineError(f"run {run_id} did not finish within {timeout:.0f} s")
+            time.sleep(poll)
+
+    def run_log(self, run_id: int) -> str:
+        """The ServerApp's log of a run (`flwr log`)."""
+        try:
+            result = self.flwr("log", str(run_id), "fedcollm", "--show", timeout=30)
+        except (FlowerEngineError, subprocess.TimeoutExpired) as exc:
+            return f"(no log: {exc})"
+        return result.stdout + result.stderr
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    start = text.find("{")
+    if start < 0:
+        raise FlowerEngineError(f"expected JSON from flwr, got: {text[-1000:]}")
+    return json.loads(text[start:])
+
+
+# --------------------------------------------------------------------------------------------
+# Commands, the same the scripts in `scripts/` and docs/deployment.md spell out.
+
+
+def superlink_command(host: str, port: int, certs: Path | None, *, auth: bool = False) -> list[str]:
+    args = [
+        "flower-superlink",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if certs is None:
+        args.append("--insecure")
+    else:
+        args += [
+            "--ssl-ca-certfile",
+            str(certs / "ca.crt"),
+            "--ssl-certfile",
+            str(certs / "server.pem"),
+            "--ssl-keyfile",
+            str(certs / "server.key"),
+        ]
+    if auth:
+        args.append("--enable-supernode-auth")
+    return args
+
+
+def supernode_command(
+    superlink: str,
+    client: int,
+    num_clients: int,
+    *,
+    runtime_port: int,
+    ca: Path | None = None,
+    private_key: Path | None = None,
+) -> list[str]:
+    args = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--port",
+        str(runtime_port),
+        "--node-config",
+        f"partition-id={client} num-partitions={num_clients}",
+    ]
+    args += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
+    if private_key is not None:
+        args += ["--auth-supernode-private-key", str(private_key)]
+    return args
+
+
+def cli_config(address: str, ca: Path | None) -> str:
+    """`$FLWR_HOME/config.toml` naming this SuperLink as connection `fedcollm` (the default)."""
+    lines = ["[superlink]", 'default = "fedcollm"', "", "[superlink.fedcollm]", f'address = "{address}"']
+    lines += ["insecure = true"] if ca is None else [f'root-certificates = "{ca}"']
+    return "\n".join(lines) + "\n"
+
+
+def run_config_arg(values: Mapping[str, Any]) -> str:
+    """`--run-config` value: space-separated key=TOML-value pairs."""
+    import tomli_w
+
+    parts = []
+    for key, value in values.items():
+        rendered = tomli_w.dumps({"v": str(value) if isinstance(value, Path) else value})
+        parts.append(f"{key}={rendered.split('=', 1)[1].strip()}")
+    return " ".join(parts)
+
+
+def run_script(name: str, *args: str) -> None:
+    script = SCRIPTS / name
+    result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FlowerEngineError(f"{script} failed: {result.stderr[-2000:]}")
+
+
+def describe(federation: LocalFederation) -> str:
+    link = shlex.join(federation.superlink_command())
+    return f"SuperLink: {link}\nlogs: {federation.logs}"
+
+
+def deploy_experiment(
+    config_path: Path,
+    overrides: list[str],
+    out: Path,
+    *,
+    num_clients: int,
+    tls: bool = True,
+    auth: bool = False,
+    options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    timeout: float = 24 * 3600.0,
+    on_status: Any = None,
+) -> RunStatus:
+    """Run an experiment on a SuperLink and `num_clients` SuperNodes started here (127.0.0.1).
+
+    Flower's files (homes, logs, certificates) go to `<out>/flower`; every process is stopped
+    when the run ends or fails.
+    """
+    out = out.resolve()
+    run_config: dict[str, Any] = {
+        "experiment": str(config_path.resolve()),
+        "set": shlex.join(overrides),
+        "out": str(out),
+        "overwrite": overwrite,
+        **(options or {}),
+    }
+    with LocalFederation(out / "flower", num_clients, tls=tls, auth=auth) as federation:
+        run_id = federation.submit(run_config)
+        if on_status is not None:
+            on_status(f"run {run_id} submitted; logs in {federation.logs}")
+        return federation.wait(run_id, timeout=timeout)
