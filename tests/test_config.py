@@ -83,4 +83,5 @@ def test_configuration_reference_matches_the_code() -> None:
     from fedcollm.config_doc import reference_markdown
 
     documented = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    assert documented == reference_markdown(), "regenerate: python -m fedcollm.config_doc > docs/configuration.md"
+    hint = "regenerate: python -m fedcollm.config_doc > docs/configuration.md"
+    assert documented == reference_markdown(), hint
