@@ -54,6 +54,20 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING)
 
 
+def _print_plan(cfg) -> None:
+    from fedcollm.data import DataError
+    from fedcollm.models import ModelError
+    from fedcollm.plan import plan
+
+    try:
+        lines = plan(cfg)
+    except (DataError, ModelError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[bold]{cfg.name}[/]: {cfg.algorithm} (dry run, nothing trained)")
+    for line in lines:
+        typer.echo(f"{line.label:>10}: {line.value}")
+
+
 @app.command()
 def run(
     config: Annotated[
@@ -69,6 +83,9 @@ def run(
     ] = "local",
     secagg: Annotated[
         bool, typer.Option(help="With --engine flower: aggregate adapter uploads with SecAgg+.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate the config offline and print the plan; train nothing.")
     ] = False,
 ) -> None:
     """Run an experiment (embedded engine, or Flower simulation) and write its run folder."""
@@ -88,6 +105,9 @@ def run(
         cfg = load_config(config, set_ or [])
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    if dry_run:
+        _print_plan(cfg)
+        return
     out = out or Path("runs") / cfg.name
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.algorithm} · task {cfg.task.name} · {cfg.federation.num_clients} clients "

@@ -1,0 +1,28 @@
+"""The command line: a dry run plans offline; bad input gives a one-line error, not a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from fedcollm.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_prints_the_plan_with_adapter_sizes_and_trains_nothing(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["run", str(ROOT / "configs" / "smoke.toml"), "--dry-run", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "rounds: 2" in result.output and "adapter 0.461 M" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_task_fails_cleanly_listing_the_tasks() -> None:
+    result = CliRunner().invoke(
+        app, ["run", str(ROOT / "configs" / "smoke.toml"), "--dry-run", "--set", "task.name=nope"]
+    )
+    assert result.exit_code == 2
+    assert "arc_easy" in result.output and "Traceback" not in result.output
