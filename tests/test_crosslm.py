@@ -305,6 +305,7 @@ def test_a_round_of_garbage_generations_is_discarded_without_crashing(
     metrics = _metrics(out)
     rate = [m["value"] for m in metrics if m["metric"] == "discard_rate"]
     assert rate == [1.0]
+    assert all(m["value"] == m["value"] for m in metrics), "no NaN in metrics.jsonl"
     assert not any(m["role"] == "llm" and m["metric"] == "train_loss" for m in metrics)
     lines = (out / "synthetic" / "round_1.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(x)["status"] != OK for x in lines)

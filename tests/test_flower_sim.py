@@ -171,6 +171,7 @@ def _masked_vectors(messages: list) -> list[bytes]:
     raise AssertionError("no masked vector among the received messages")
 
 
+@pytest.mark.slow
 def test_a_failing_client_stops_the_run_with_its_error_and_leaves_no_process(
     tiny_llama: Path, tmp_path: Path
 ) -> None:

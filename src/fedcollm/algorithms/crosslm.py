@@ -333,10 +333,13 @@ class CrossLM(Algorithm):
             "generated": float(total),
             "valid": float(counts[OK]),
             "discard_rate": (total - counts[OK]) / total if total else 0.0,
-            "feedback_mean": float(scores.mean()) if scores.size else float("nan"),
             "selected": float(kept.sum()),
-            "selected_feedback_mean": float(scores[kept].mean()) if kept.any() else float("nan"),
         }
+        # Means of nothing are left out rather than written as NaN (not valid JSON).
+        if scores.size:
+            values["feedback_mean"] = float(scores.mean())
+        if kept.any():
+            values["selected_feedback_mean"] = float(scores[kept].mean())
         values |= {f"discarded_{s}": float(counts[s]) for s in STATUSES if s != OK}
         golds = [r.question.gold for r in generated.valid if r.question is not None]
         if golds:
@@ -448,10 +451,10 @@ class CrossLM(Algorithm):
             ]
             for rnd in sorted(per_round):
                 row = per_round[rnd]
-                feedback, rate = row.get("feedback_mean", float("nan")), row.get("discard_rate", 0.0)
+                feedback = f"{row['feedback_mean']:.3f}" if "feedback_mean" in row else "-"
                 lines.append(
                     f"| {rnd} | {row.get('generated', 0):.0f} | {row.get('valid', 0):.0f} | "
-                    f"{100 * rate:.0f}% | {feedback:.3f} | {row.get('selected', 0):.0f} |"
+                    f"{100 * row.get('discard_rate', 0.0):.0f}% | {feedback} | {row.get('selected', 0):.0f} |"
                 )
             lines.append("")
         return lines
