@@ -39,6 +39,18 @@ class RichReporter(Reporter):
         self.progress.console.log(text)
 
 
+def _progress() -> Progress:
+    """The live display of long work: current phase, bar, count, detail, elapsed time."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    return Progress(*columns, console=console, transient=True)
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code=2)
@@ -115,15 +127,8 @@ def run(
         + (f" · server {cfg.llm.name}" if cfg.llm else "")
         + f" · {cfg.federation.rounds} rounds"
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
     try:
-        with Progress(*columns, console=console, transient=True) as progress:
+        with _progress() as progress:
             flower = None
             if engine == "flower":
                 from fedcollm.engines.flower import FlowerOptions
@@ -300,15 +305,8 @@ def compare(
     console.print(
         f"[bold]compare[/] {cfg.name}: methods {', '.join(methods)} · tasks {', '.join(tasks)} → {out}"
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
     try:
-        with Progress(*columns, console=console, transient=True) as progress:
+        with _progress() as progress:
             run_comparison(cfg, out, methods, tasks, reporter=RichReporter(progress))
     except (ConfigError, DataError, ModelError, ValueError) as exc:
         raise _fail(str(exc)) from None
