@@ -37,6 +37,7 @@ from fedcollm.data import MCQuestion, load_questions, render, sample_indices
 from fedcollm.encoding import Encoded, encode_pair
 from fedcollm.evaluate import EncodedRequests, encode_requests, evaluate, sequence_loglikelihoods
 from fedcollm.models import Arrays, LoadedModel, get_adapter, set_adapter
+from fedcollm.robust import Rejection, check_upload
 from fedcollm.runtime import (
     ClientReply,
     ClientRuntime,
@@ -311,6 +312,20 @@ class CrossLM(Algorithm):
         if server.run_dir is not None:
             write_jsonl(server.run_dir / "synthetic" / f"round_{rnd}.jsonl", generated.records)
         return metrics
+
+    def screen_fit(
+        self, server: ServerRuntime, payload: Payload, replies: Sequence[ClientReply], rnd: int
+    ) -> tuple[list[ClientReply], list[Rejection]]:
+        """Uploads are feedback vectors, not adapters: refuse those that are not finite floats."""
+        accepted, rejected = [], []
+        for reply in replies:
+            expected = {name: np.zeros(np.shape(value), np.float32) for name, value in reply.arrays.items()}
+            reason = check_upload(reply, expected) if reply.arrays else "no feedback sent"
+            if reason is None:
+                accepted.append(reply)
+            else:
+                rejected.append(Rejection(reply.client, reason))
+        return accepted, rejected
 
     def _scores(self, aggregate: Arrays, n: int, rnd: int) -> np.ndarray:
         feedback = np.asarray(aggregate.get(FEEDBACK, np.ones(1)), dtype=np.float64)
