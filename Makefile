@@ -29,10 +29,11 @@ smoke: install
 
 test: install
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q            # the default suite (slow tests excluded)
+	$(BIN)/python -m pytest -q -m slow    # the slow end-to-end tests, which CI runs too
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests bench
