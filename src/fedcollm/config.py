@@ -69,6 +69,13 @@ class FederationConfig(_Section):
         default_factory=list,
         description="Each client's own SLM (FedMKT allows mixed families); empty = all use slm.name.",
     )
+    transport_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "Precision adapters travel in between server and clients (float16/bfloat16: half the "
+            "bytes); the server still aggregates in float32."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_model_per_client(self) -> FederationConfig:

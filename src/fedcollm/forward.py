@@ -21,7 +21,12 @@ def _causal_lm(model: PeftModel | PreTrainedModel) -> PreTrainedModel:
 
 
 def target_logits(model: PeftModel | PreTrainedModel, batch: Batch) -> torch.Tensor:
-    """Logits [P, V] at the positions of `batch.predict_mask` (row-major), in float32."""
+    """Logits [P, V] at the positions of `batch.predict_mask` (row-major), in float32.
+
+    The decoder and the head run in the model's dtype (bfloat16 base weights: bfloat16 matmuls);
+    the few logit rows that carry a loss or a score are upcast to float32 before any softmax, so
+    losses, KL terms and log-likelihoods are always computed in float32.
+    """
     lm = _causal_lm(model)
     decoder = lm.get_decoder()
     out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)

@@ -213,7 +213,14 @@ def lora_targets(model: PreTrainedModel, lora: LoraConfig) -> list[str]:
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, seed: int) -> PeftModel:
-    """Wrap a frozen base model with a fresh LoRA adapter initialised from `seed`."""
+    """Wrap a frozen base model with a fresh LoRA adapter initialised from `seed`.
+
+    The adapter is float32 whatever the base model's dtype: with bfloat16 base weights the
+    frozen matmuls run in bfloat16 while the adapter, its gradients and the AdamW state stay
+    float32 (peft's `autocast_adapter_dtype` upcasts the adapter; peft casts its input up and its
+    output back to the base layer's dtype). Checked here, as training in bfloat16 adapters would
+    silently lose most of each small update.
+    """
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -223,7 +230,10 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, seed: int) -> PeftMode
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    wrong = {p.dtype for p in peft_model.parameters() if p.requires_grad} - {torch.float32}
+    if wrong:
+        raise ModelError(f"LoRA adapter parameters are {sorted(map(str, wrong))}, expected torch.float32")
     return peft_model
 
 
@@ -309,7 +319,7 @@ def needs_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def load_with_lora(name: str, lora: LoraConfig, seed: int, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a base model and its tokenizer and attach a fresh LoRA adapter."""
+    """Load a base model (frozen, in `dtype`) and its tokenizer and attach a fresh float32 LoRA adapter."""
     tokenizer = load_tokenizer(name)
     base = load_base_model(name, dtype=dtype)
     return LoadedModel(name=name, model=attach_lora(base, lora, seed), tokenizer=tokenizer)

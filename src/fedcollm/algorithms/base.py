@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
 
+from fedcollm import wire
 from fedcollm.config import ExperimentConfig
 from fedcollm.evaluate import evaluate
 from fedcollm.models import Arrays, get_adapter, set_adapter
@@ -61,8 +63,19 @@ class Algorithm(ABC):
         return self.config.federation.rounds
 
     def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
-        """What every client receives at the start of round `rnd` (default: the global adapter)."""
-        return Payload(arrays=server.global_adapter, config={"round": rnd})
+        """What every client receives at the start of round `rnd` (default: the global adapter).
+
+        The adapter travels in `federation.transport_dtype` (`to_wire`).
+        """
+        return Payload(arrays=self.to_wire(server.global_adapter), config={"round": rnd})
+
+    def to_wire(self, arrays: Arrays) -> Arrays:
+        """Adapter arrays as they travel: cast to `federation.transport_dtype` (see `fedcollm.wire`)."""
+        return wire.encode(arrays, self.config.federation.transport_dtype)
+
+    def from_wire(self, arrays: Arrays) -> Arrays:
+        """Received adapter arrays back in float32 (the inverse of `to_wire`)."""
+        return wire.decode(arrays, self.config.federation.transport_dtype)
 
     @abstractmethod
     def client_fit(
@@ -73,10 +86,15 @@ class Algorithm(ABC):
     def screen_fit(
         self, server: ServerRuntime, payload: Payload, replies: Sequence[ClientReply], rnd: int
     ) -> tuple[list[ClientReply], list[Rejection]]:
-        """Refuse malformed or outlying adapter uploads before they touch the aggregate."""
+        """Refuse malformed or outlying adapter uploads before they touch the aggregate.
+
+        Uploads are decoded from the transport dtype first, so screening and aggregation see
+        float32 arrays only.
+        """
         robustness = self.config.robustness
-        reference = payload.arrays or None
-        return screen_uploads(replies, server.global_adapter, reference, robustness.norm_multiple)
+        reference = self.from_wire(payload.arrays) or None
+        decoded = [replace(reply, arrays=self.from_wire(reply.arrays)) for reply in replies]
+        return screen_uploads(decoded, server.global_adapter, reference, robustness.norm_multiple)
 
     def aggregate_fit(self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int) -> Arrays:
         """Combine client replies (default: FedAvg's example-weighted mean, or a robust rule)."""
@@ -179,9 +197,12 @@ def evaluate_role(
 def train_client_adapter(
     algorithm: Algorithm, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
 ) -> ClientReply:
-    """The standard local update: start from the payload's adapter, train E epochs, send it back."""
+    """The standard local update: start from the payload's adapter, train E epochs, send it back.
+
+    The payload's adapter arrives and the reply's leaves in `federation.transport_dtype`.
+    """
     config = algorithm.config
-    set_adapter(client.slm.model, payload.arrays)
+    set_adapter(client.slm.model, algorithm.from_wire(payload.arrays))
     reporter.phase(f"round {rnd} · client {client.client_id} training", None)
     result = train_sft(
         client.slm.model,
@@ -194,7 +215,7 @@ def train_client_adapter(
     )
     return ClientReply(
         client=client.client_id,
-        arrays=get_adapter(client.slm.model),
+        arrays=algorithm.to_wire(get_adapter(client.slm.model)),
         num_examples=result.num_examples,
         metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
     )

@@ -16,7 +16,7 @@ from fedcollm.algorithms.base import (
     register,
     train_client_adapter,
 )
-from fedcollm.models import Arrays
+from fedcollm.models import Arrays, get_adapter
 from fedcollm.runtime import (
     ClientReply,
     ClientRuntime,
@@ -66,7 +66,7 @@ class Standalone(Algorithm):
 
     def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
         # Round 1 starts every client from the same initial adapter; afterwards each continues its own.
-        return Payload(arrays=server.global_adapter if rnd == 1 else {}, config={"round": rnd})
+        return Payload(arrays=self.to_wire(server.global_adapter) if rnd == 1 else {}, config={"round": rnd})
 
     def client_fit(
         self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
@@ -75,7 +75,8 @@ class Standalone(Algorithm):
         if not start:
             raise RuntimeError(f"client {client.client_id} lost its standalone adapter between rounds")
         reply = train_client_adapter(self, client, Payload(start, payload.config), rnd, reporter)
-        client.state["adapter"] = reply.arrays
+        # The client keeps its own adapter in float32; only the upload travels in the transport dtype.
+        client.state["adapter"] = get_adapter(client.slm.model)
         return reply
 
     def aggregate_fit(self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int) -> Arrays:

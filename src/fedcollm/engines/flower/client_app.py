@@ -146,13 +146,16 @@ def train_local(msg: Message, context: Context) -> Message:
         client=client_id, num_examples=reply.num_examples, metrics=dict(reply.metrics)
     )
     if request.hold:
-        # Keep the adapter on this node; it leaves only masked, through SecAgg+.
-        context.state[records.HELD_ARRAYS] = records.to_array_record(reply.arrays)
+        # Keep the adapter on this node; it leaves only masked, through SecAgg+, which quantises
+        # float values itself: hold it decoded from the transport dtype (a bfloat16 upload is a
+        # uint16 bit pattern that SecAgg+ must not take for numbers).
+        held = algorithm.from_wire(reply.arrays)
+        context.state[records.HELD_ARRAYS] = records.to_array_record(held)
         context.state[records.HELD_META] = ConfigRecord(
             {"round": request.rnd, "num_examples": reply.num_examples}
         )
-        result.names = list(reply.arrays)
-        result.bound = records.magnitude_bound(reply.arrays)
+        result.names = list(held)
+        result.bound = records.magnitude_bound(held)
     else:
         result.arrays = reply.arrays
     return Message(result.to_record(), reply_to=msg)

@@ -1,0 +1,122 @@
+"""bfloat16 base weights with float32 LoRA adapters: training, distillation and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
+from fedcollm.data import MCRequest
+from fedcollm.distill import mutual_distill
+from fedcollm.encoding import collate, encode_pair
+from fedcollm.evaluate import encode_requests, sequence_loglikelihoods
+from fedcollm.forward import answer_cross_entropy, target_logits
+from fedcollm.models import get_adapter, load_with_lora, set_adapter
+from fedcollm.train import train_sft
+
+TEXTS = [
+    ("Question: Plants need what to grow?\nAnswer:", " light"),
+    ("The sun is", " a star"),
+    ("Question: Water boils at?\nAnswer:", " one hundred degrees"),
+    ("Rocks are classified as", " igneous, metamorphic, or sedimentary"),
+]
+
+
+def _lora() -> LoraConfig:
+    return LoraConfig(r=4, dropout=0.0)
+
+
+def test_bf16_base_keeps_float32_adapters_and_float32_logits(tiny_llama: Path) -> None:
+    lm = load_with_lora(str(tiny_llama), _lora(), seed=0, dtype=torch.bfloat16)
+    trainable = [p for p in lm.model.parameters() if p.requires_grad]
+    frozen = [p for p in lm.model.parameters() if not p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert all(a.dtype == np.float32 for a in get_adapter(lm.model).values())
+    batch = collate([encode_pair(lm.tokenizer, c, a) for c, a in TEXTS], 0)
+    logits = target_logits(lm.model, batch)
+    assert logits.dtype == torch.float32
+    loss = answer_cross_entropy(logits, batch)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
+def test_bf16_training_lowers_the_loss_and_tracks_fp32(tiny_llama: Path) -> None:
+    results, adapters = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        lm = load_with_lora(str(tiny_llama), _lora(), seed=0, dtype=dtype)
+        examples = [encode_pair(lm.tokenizer, c, a) for c, a in TEXTS]
+        batch = collate(examples, 0)
+        with torch.no_grad():
+            before = float(answer_cross_entropy(target_logits(lm.model, batch), batch))
+        train_sft(lm.model, examples * 8, pad_id=0, lr=3e-2, cfg=TrainConfig(batch_size=4), seed=0)
+        with torch.no_grad():
+            after = float(answer_cross_entropy(target_logits(lm.model, batch), batch))
+        assert after < before - 0.05, (dtype, before, after)
+        results[dtype] = (before, after)
+        adapters[dtype] = get_adapter(lm.model)
+        assert all(a.dtype == np.float32 for a in adapters[dtype].values())
+    # Same data, seed and initial adapter: the bf16 run ends near the fp32 one.
+    (b32, a32), (b16, a16) = results[torch.float32], results[torch.bfloat16]
+    assert abs(b16 - b32) < 0.02 * b32
+    assert abs(a16 - a32) < 0.02 * b32
+    diff = sum(
+        float(np.sum((adapters[torch.bfloat16][k] - v) ** 2)) for k, v in adapters[torch.float32].items()
+    )
+    norm = sum(float(np.sum(v**2)) for v in adapters[torch.float32].values())
+    assert diff / norm < 0.05
+
+
+def test_bf16_mutual_distillation_trains_both_float32_adapters(
+    tiny_llama: Path, tiny_llama_big: Path
+) -> None:
+    llm = load_with_lora(str(tiny_llama_big), _lora(), seed=0, dtype=torch.bfloat16)
+    slm = load_with_lora(str(tiny_llama), _lora(), seed=1, dtype=torch.bfloat16)
+    before_f, before_g = get_adapter(llm.model), get_adapter(slm.model)
+    ex_f = [encode_pair(llm.tokenizer, c, a) for c, a in TEXTS]
+    ex_g = [encode_pair(slm.tokenizer, c, a) for c, a in TEXTS]
+    result = mutual_distill(
+        llm.model,
+        slm.model,
+        ex_f,
+        ex_g,
+        llm_pad_id=0,
+        slm_pad_id=0,
+        llm_lr=1e-2,
+        slm_lr=1e-2,
+        cfg=DistillConfig(epochs=2, batch_size=2),
+        train_cfg=TrainConfig(),
+        seed=0,
+    )
+    assert result.steps == 4 and np.isfinite([result.llm_loss, result.slm_loss]).all()
+    for model, before in ((llm.model, before_f), (slm.model, before_g)):
+        after = get_adapter(model)
+        assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in after.values())
+        assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_evaluation_scores_close_to_fp32(tiny_llama: Path) -> None:
+    requests = [
+        MCRequest(
+            id=str(i),
+            context=c,
+            continuations=(a, " water", " the moon"),
+            choice_texts=(a.strip(), "water", "the moon"),
+            gold=0,
+        )
+        for i, (c, a) in enumerate(TEXTS)
+    ]
+    scores = {}
+    adapter = None
+    for dtype in (torch.float32, torch.bfloat16):
+        lm = load_with_lora(str(tiny_llama), _lora(), seed=0, dtype=dtype)
+        if adapter is None:  # a non-trivial adapter, the same in both
+            adapter = {k: np.full_like(v, 0.01) for k, v in get_adapter(lm.model).items()}
+        set_adapter(lm.model, adapter)
+        encoded = encode_requests(lm.tokenizer, requests, add_bos=False)
+        scores[dtype] = sequence_loglikelihoods(lm.model, encoded.sequences, 0, batch_size=4)
+    fp32, bf16 = scores[torch.float32], scores[torch.bfloat16]
+    assert bf16.dtype == np.float64
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.1)
