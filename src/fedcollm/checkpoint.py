@@ -26,8 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedcollm.config import ExperimentConfig
+
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
+
+
+def experiment_key(config: ExperimentConfig) -> str:
+    """Identifies an experiment: the SHA-256 of its resolved configuration."""
+    return hashlib.sha256(config.to_toml().encode("utf-8")).hexdigest()
 
 
 class CheckpointError(ValueError):
@@ -40,6 +47,10 @@ def _flatten(value: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
         key = f"a{len(arrays)}"
         arrays[key] = value
         return {"__array__": key}
+    if isinstance(value, np.generic):  # a NumPy scalar keeps its dtype as a 0-d array
+        key = f"a{len(arrays)}"
+        arrays[key] = np.asarray(value)
+        return {"__scalar__": key}
     if isinstance(value, dict):
         return {"__dict__": [[_key(k), _flatten(v, f"{prefix}/{k}", arrays)] for k, v in value.items()]}
     if isinstance(value, list | tuple):
@@ -61,6 +72,8 @@ def _unflatten(layout: Any, arrays: Any) -> Any:
     if isinstance(layout, dict):
         if "__array__" in layout:
             return np.array(arrays[layout["__array__"]])
+        if "__scalar__" in layout:
+            return np.array(arrays[layout["__scalar__"]])[()]
         if "__dict__" in layout:
             return {k: _unflatten(v, arrays) for k, v in layout["__dict__"]}
         if "__list__" in layout:

@@ -6,13 +6,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedcollm.runtime import Reporter
+
+if TYPE_CHECKING:
+    from fedcollm.config import ExperimentConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -90,6 +93,13 @@ def run(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the run in this folder from its newest checkpoint (its config.toml is the "
+            "experiment; a CONFIG or --set given as well must resolve to the same)."
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option(help="local: every party in this process; flower: Flower's simulation engine.")
     ] = "local",
@@ -101,9 +111,11 @@ def run(
     ] = False,
 ) -> None:
     """Run an experiment (embedded engine, or Flower simulation) and write its run folder."""
+    from fedcollm.checkpoint import CheckpointError
     from fedcollm.config import ConfigError, load_config
     from fedcollm.data import DataError
     from fedcollm.distill import TokenizerMismatchError
+    from fedcollm.loop import RoundError
     from fedcollm.models import ModelError
     from fedcollm.recording import RunFolderError
     from fedcollm.run import run_experiment
@@ -111,16 +123,17 @@ def run(
     _quiet_libraries()
     if engine not in ("local", "flower"):
         raise _fail(f"unknown engine {engine!r}; use 'local' or 'flower'")
-    if config is None:
-        config = DEFAULT_CONFIG
-    try:
-        cfg = load_config(config, set_ or [])
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    if resume is not None:
+        cfg, out = _resumed_experiment(resume, config, set_ or [], out, overwrite)
+    else:
+        try:
+            cfg = load_config(config or DEFAULT_CONFIG, set_ or [])
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
+        out = out or Path("runs") / cfg.name
     if dry_run:
         _print_plan(cfg)
         return
-    out = out or Path("runs") / cfg.name
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.algorithm} · task {cfg.task.name} · {cfg.federation.num_clients} clients "
         f"on {cfg.slm.name}"
@@ -135,9 +148,23 @@ def run(
 
                 flower = FlowerOptions(secagg=secagg)
             run_experiment(
-                cfg, out, overwrite=overwrite, reporter=RichReporter(progress), engine=engine, flower=flower
+                cfg,
+                out,
+                overwrite=overwrite,
+                resume=resume is not None,
+                reporter=RichReporter(progress),
+                engine=engine,
+                flower=flower,
             )
-    except (ConfigError, DataError, ModelError, RunFolderError, TokenizerMismatchError) as exc:
+    except (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        ModelError,
+        RoundError,
+        RunFolderError,
+        TokenizerMismatchError,
+    ) as exc:
         raise _fail(str(exc)) from None
     except Exception as exc:
         from fedcollm.engines.flower.options import FlowerEngineError
@@ -147,6 +174,33 @@ def run(
         raise
     console.print(f"[green]done[/]: {out}")
     console.print((out / "results.md").read_text(encoding="utf-8"))
+
+
+def _resumed_experiment(
+    folder: Path, config: Path | None, overrides: list[str], out: Path | None, overwrite: bool
+) -> tuple[ExperimentConfig, Path]:
+    """The experiment of the run folder `folder`, checked against a CONFIG/--set/--out also given."""
+    from fedcollm.config import ConfigError, load_config
+
+    if overwrite:
+        raise _fail("--resume continues a run and --overwrite replaces it: pass one of them")
+    if out is not None and out.resolve() != folder.resolve():
+        raise _fail(f"--resume {folder} writes to that folder; drop --out {out}")
+    saved = folder / "config.toml"
+    if not saved.is_file():
+        raise _fail(f"--resume {folder}: no run there (no config.toml)")
+    try:
+        cfg = load_config(saved)
+        if config is not None or overrides:
+            asked = load_config(config or saved, overrides)
+            if asked.to_toml() != cfg.to_toml():
+                raise _fail(
+                    f"--resume {folder}: the experiment given differs from the one in {saved}; "
+                    "a run continues with its own configuration"
+                )
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    return cfg, folder
 
 
 @app.command()

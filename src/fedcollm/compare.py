@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedcollm.checkpoint import CHECKPOINT_DIR
 from fedcollm.config import ExperimentConfig, build_config
 from fedcollm.plan import plan
 from fedcollm.report import RunRef, write_report
@@ -35,14 +36,19 @@ def config_key(config: ExperimentConfig) -> str:
     return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:10]
 
 
+def _same_experiment(folder: Path, config: ExperimentConfig) -> bool:
+    resolved = folder / "config.toml"
+    return resolved.is_file() and resolved.read_text(encoding="utf-8") == config.to_toml()
+
+
 def is_finished(folder: Path, config: ExperimentConfig) -> bool:
     """A run folder holding the results of exactly this configuration."""
-    resolved = folder / "config.toml"
-    return (
-        (folder / "results.md").is_file()
-        and resolved.is_file()
-        and resolved.read_text(encoding="utf-8") == config.to_toml()
-    )
+    return _same_experiment(folder, config) and (folder / "results.md").is_file()
+
+
+def is_started(folder: Path, config: ExperimentConfig) -> bool:
+    """A run folder of exactly this configuration that stopped early (it resumes from a checkpoint)."""
+    return _same_experiment(folder, config) and (folder / CHECKPOINT_DIR).is_dir()
 
 
 def run_comparison(
@@ -63,6 +69,9 @@ def run_comparison(
             folder = out / "runs" / f"{task}-{method}-{config_key(config)}"
             if is_finished(folder, config):
                 reporter.message(f"{task} · {method}: reusing {folder}")
+            elif is_started(folder, config):
+                reporter.message(f"{task} · {method}: resuming {folder}")
+                run_experiment(config, folder, resume=True, reporter=reporter)
             else:
                 reporter.message(f"{task} · {method}: running into {folder}")
                 run_experiment(config, folder, overwrite=True, reporter=reporter)

@@ -8,9 +8,19 @@ evaluation before training and after rounds, aggregation, the server step, the r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedcollm.algorithms import Algorithm
+from fedcollm.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpoint,
+    CheckpointError,
+    experiment_key,
+    latest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from fedcollm.models import Arrays
 from fedcollm.recording import RunRecorder
 from fedcollm.runtime import ClientReply, Metric, Payload, Reporter, ServerRuntime
@@ -22,6 +32,14 @@ class Transport(Protocol):
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]: ...
 
     def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]: ...
+
+
+class StatefulTransport(Transport, Protocol):
+    """A transport whose clients live in this process, so their state can be checkpointed."""
+
+    def client_states(self) -> dict[int, dict[str, Any]]: ...
+
+    def restore_client_states(self, states: dict[int, dict[str, Any]]) -> None: ...
 
 
 @dataclass
@@ -72,9 +90,15 @@ def _screen(
     minimum = algorithm.config.robustness.min_clients
     if len(accepted) < minimum:
         reasons = "; ".join(f"client {r.client}: {r.reason}" for r in rejected)
+        kept = (
+            f"the checkpoint of round {rnd - 1} is in {recorder.out / CHECKPOINT_DIR} (--resume continues "
+            "from it)"
+            if algorithm.config.checkpoint.enabled
+            else "checkpoints are off (checkpoint.enabled = false)"
+        )
         raise RoundError(
             f"round {rnd}: {len(accepted)} of {len(replies)} uploads accepted, fewer than "
-            f"robustness.min_clients={minimum} ({reasons})"
+            f"robustness.min_clients={minimum} ({reasons}). The run stopped; {kept}"
         )
     return accepted
 
@@ -89,19 +113,72 @@ def _evaluate(
     return metrics
 
 
+class _Checkpoints:
+    """Saves the run's state at round boundaries into `<run>/checkpoints` and restores it."""
+
+    def __init__(
+        self, algorithm: Algorithm, server: ServerRuntime, transport: Transport, recorder: RunRecorder
+    ) -> None:
+        self.algorithm, self.server, self.transport, self.recorder = algorithm, server, transport, recorder
+        self.key = experiment_key(algorithm.config)
+
+    def save(self, rnd: int) -> None:
+        config = self.algorithm.config.checkpoint
+        if not config.enabled:
+            return
+        clients = self.transport.client_states() if hasattr(self.transport, "client_states") else None
+        state = {"server": self.algorithm.server_state(self.server), "clients": clients}
+        checkpoint = Checkpoint(rnd, self.key, state, self.recorder.snapshot(), rng_state())
+        save_checkpoint(self.recorder.out, checkpoint, keep_last=config.keep_last or None)
+
+    def restore(self, reporter: Reporter) -> int | None:
+        """Load the newest usable checkpoint; the round it ended, or None to start from scratch."""
+        checkpoint, notes = latest_checkpoint(self.recorder.out, self.key)
+        for note in notes:
+            reporter.message(note)
+        if checkpoint is None:
+            reporter.message(f"no checkpoint in {self.recorder.out}; starting from the beginning")
+            return None
+        clients = checkpoint.state["clients"]
+        if self.algorithm.client_state_keys:
+            if clients is None or not hasattr(self.transport, "restore_client_states"):
+                raise CheckpointError(
+                    f"cannot resume {self.algorithm.name!r} here: its clients keep state between rounds "
+                    "that this checkpoint or engine does not hold (on Flower it lives on the SuperNodes); "
+                    "resume it on the engine that wrote the checkpoint"
+                )
+            self.transport.restore_client_states({int(k): v for k, v in clients.items()})  # type: ignore[attr-defined]
+        self.algorithm.restore_server_state(self.server, checkpoint.state["server"])
+        self.recorder.restore(checkpoint.record)
+        set_rng_state(checkpoint.rng)
+        reporter.message(f"resuming {self.recorder.out} after round {checkpoint.round}")
+        return checkpoint.round
+
+
 def run_rounds(
     algorithm: Algorithm,
     server: ServerRuntime,
     transport: Transport,
     recorder: RunRecorder,
     reporter: Reporter,
+    *,
+    resume: bool = False,
 ) -> None:
-    """Evaluate before training, then T rounds of fit -> aggregate -> server step -> evaluate."""
+    """Evaluate before training, then T rounds of fit -> aggregate -> server step -> evaluate.
+
+    The state is checkpointed after the first evaluation and after every round; with `resume`
+    the run continues from the newest checkpoint in the run folder.
+    """
     config = algorithm.config
-    recorder.record(_evaluate(algorithm, server, transport, 0, reporter))
+    checkpoints = _Checkpoints(algorithm, server, transport, recorder)
+    start = checkpoints.restore(reporter) if resume else None
+    if start is None:
+        recorder.record(_evaluate(algorithm, server, transport, 0, reporter))
+        checkpoints.save(0)
+        start = 0
     rounds = algorithm.num_rounds()
     secure = algorithm.secure_aggregation and getattr(transport, "secure", False)
-    for rnd in range(1, rounds + 1):
+    for rnd in range(start + 1, rounds + 1):
         reporter.message(f"round {rnd}/{rounds}")
         aggregate = {}
         if algorithm.uses_clients:
@@ -122,4 +199,5 @@ def run_rounds(
         recorder.record(algorithm.server_update(server, aggregate, rnd, reporter))
         if config.eval.every_round or rnd == rounds:
             recorder.record(_evaluate(algorithm, server, transport, rnd, reporter))
+        checkpoints.save(rnd)
     recorder.finish(algorithm, server)

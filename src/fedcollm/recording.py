@@ -84,22 +84,44 @@ class CommunicationLedger:
 class RunRecorder:
     """Writes a run folder as the run goes (metrics are flushed line by line)."""
 
-    def __init__(self, out: Path, config: ExperimentConfig, overwrite: bool = False) -> None:
+    def __init__(
+        self, out: Path, config: ExperimentConfig, overwrite: bool = False, resume: bool = False
+    ) -> None:
         self.out = out
         self.config = config
         self.metrics: list[Metric] = []
         self.ledger = CommunicationLedger()
         existing = out / "config.toml"
         if existing.exists() and not overwrite:
-            same = existing.read_text(encoding="utf-8") == config.to_toml()
-            what = "the same experiment" if same else "a different experiment"
-            raise RunFolderError(
-                f"output folder {out} already holds a run ({what}); pass --overwrite to replace it "
-                "or choose another --out"
-            )
+            if existing.read_text(encoding="utf-8") != config.to_toml():
+                raise RunFolderError(
+                    f"output folder {out} already holds a run of a different experiment (its config.toml "
+                    "differs); pass --overwrite to replace it or choose another --out"
+                )
+            if not resume:
+                raise RunFolderError(
+                    f"output folder {out} already holds a run of this experiment; pass --resume {out} "
+                    "to continue it, --overwrite to start again, or choose another --out"
+                )
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("", encoding="utf-8")
-        _atomic_write(existing, config.to_toml())
+        if not (resume and existing.exists()):
+            (out / "metrics.jsonl").write_text("", encoding="utf-8")
+            _atomic_write(existing, config.to_toml())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Metrics and communication so far, as JSON-able data (for checkpoints)."""
+        return {
+            "metrics": [m.as_dict() for m in self.metrics],
+            "communication": [self.ledger.rounds[r] for r in sorted(self.ledger.rounds)],
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Continue from a `snapshot`: metrics.jsonl is rewritten to hold exactly its metrics."""
+        self.metrics = [Metric(**line) for line in snapshot["metrics"]]
+        self.ledger = CommunicationLedger({int(e["round"]): dict(e) for e in snapshot["communication"]})
+        _atomic_write(
+            self.out / "metrics.jsonl", "".join(json.dumps(m.as_dict()) + "\n" for m in self.metrics)
+        )
 
     def record(self, metrics: Iterable[Metric]) -> None:
         new = list(metrics)

@@ -54,6 +54,10 @@ class Algorithm(ABC):
     """Whether `aggregate_fit` is a weighted mean that secure aggregation may compute instead."""
     evaluates_on_clients: ClassVar[bool] = False
     """Whether clients evaluate their own SLMs (when the server never holds their adapters)."""
+    server_state_keys: ClassVar[tuple[str, ...]] = ()
+    """Entries of `server.state` that carry over between rounds (checkpointed; the rest are caches)."""
+    client_state_keys: ClassVar[tuple[str, ...]] = ()
+    """Entries of `client.state` that carry over between rounds (checkpointed; the rest are caches)."""
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
@@ -138,6 +142,32 @@ class Algorithm(ABC):
             Metric(rnd, "slm", r.client, key, value) for r in replies for key, value in r.metrics.items()
         ]
         return metrics + mean_over_clients(metrics, rnd)
+
+    def server_state(self, server: ServerRuntime) -> dict[str, Any]:
+        """What the server must keep to continue after a round: adapters and `server_state_keys`.
+
+        Values are arrays, scalars, and lists/dicts of them (what a checkpoint stores).
+        """
+        state: dict[str, Any] = {"global_adapter": server.global_adapter}
+        if server.llm is not None:
+            state["llm_adapter"] = get_adapter(server.llm.model)
+        state["state"] = {key: server.state[key] for key in self.server_state_keys if key in server.state}
+        return state
+
+    def restore_server_state(self, server: ServerRuntime, state: dict[str, Any]) -> None:
+        """Inverse of `server_state` on a freshly created server."""
+        server.global_adapter = state["global_adapter"]
+        if server.llm is not None:
+            set_adapter(server.llm.model, state["llm_adapter"])
+        server.state.update(state["state"])
+
+    def client_state(self, client: ClientRuntime) -> dict[str, Any]:
+        """What a client must keep between rounds (`client_state_keys`), for checkpoints."""
+        return {key: client.state[key] for key in self.client_state_keys if key in client.state}
+
+    def restore_client_state(self, client: ClientRuntime, state: dict[str, Any]) -> None:
+        """Inverse of `client_state` on a freshly created client."""
+        client.state.update(state)
 
     def communication_extra(self, server: ServerRuntime) -> dict[str, Any]:
         """Algorithm-specific entries merged into communication.json (default: none)."""

@@ -63,6 +63,8 @@ class Standalone(Algorithm):
 
     name = "standalone"
     secure_aggregation = False
+    server_state_keys = ("client_adapters",)
+    client_state_keys = ("adapter",)
 
     def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
         # Round 1 starts every client from the same initial adapter; afterwards each continues its own.

@@ -142,6 +142,8 @@ class FedMKT(Algorithm):
     uses_llm = True
     secure_aggregation = False
     evaluates_on_clients = True
+    server_state_keys = ("own_loss", "server_knowledge", "adapter_avg", "llm_version", "knowledge_rounds")
+    client_state_keys = ("adapter", "own_loss")
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)

@@ -6,6 +6,8 @@ memory does not grow with the number of clients.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedcollm.algorithms import Algorithm
 from fedcollm.runtime import ClientReply, ClientRuntime, Payload, Reporter
 
@@ -25,3 +27,11 @@ class InProcessTransport:
         return [
             self.algorithm.client_evaluate(client, payload, rnd, self.reporter) for client in self.clients
         ]
+
+    def client_states(self) -> dict[int, dict[str, Any]]:
+        """What each client keeps between rounds, for checkpoints."""
+        return {client.client_id: self.algorithm.client_state(client) for client in self.clients}
+
+    def restore_client_states(self, states: dict[int, dict[str, Any]]) -> None:
+        for client in self.clients:
+            self.algorithm.restore_client_state(client, states.get(client.client_id, {}))

@@ -36,6 +36,7 @@ def serve(
     options: FlowerOptions,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     reporter: Reporter | None = None,
 ) -> RunRecorder:
     """Run `config` with the clients on the other end of `grid`; write the run folder to `out`."""
@@ -44,11 +45,13 @@ def serve(
     from fedcollm.run import prepare_server
 
     reporter = reporter or Reporter()
-    algorithm, server, recorder = prepare_server(config, out, overwrite=overwrite, reporter=reporter)
+    algorithm, server, recorder = prepare_server(
+        config, out, overwrite=overwrite, resume=resume, reporter=reporter
+    )
     transport = FlowerTransport(grid, config, options, reporter)
     if algorithm.uses_clients:
         transport.connect()
-    run_rounds(algorithm, server, transport, recorder, reporter)
+    run_rounds(algorithm, server, transport, recorder, reporter, resume=resume)
     return recorder
 
 
@@ -89,7 +92,8 @@ def main(grid: Grid, context: Context) -> None:
     options = FlowerOptions.from_run_config(context.run_config)
     if not options.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    serve(grid, config, out, options, overwrite=overwrite, reporter=_LogReporter())
+    resume = bool(context.run_config.get("resume", False))
+    serve(grid, config, out, options, overwrite=overwrite, resume=resume, reporter=_LogReporter())
 
 
 class _LogReporter(Reporter):

@@ -57,6 +57,7 @@ def run_simulation(
     options: FlowerOptions | None = None,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     reporter: Reporter | None = None,
 ) -> RunRecorder:
     """Run `config` on Flower's simulation engine; write the run folder to `out`."""
@@ -75,7 +76,9 @@ def run_simulation(
 
         @server_app.main()
         def main(grid, context) -> None:  # type: ignore[no-untyped-def]
-            recorder.append(serve(grid, config, out, options, overwrite=overwrite, reporter=reporter))
+            recorder.append(
+                serve(grid, config, out, options, overwrite=overwrite, resume=resume, reporter=reporter)
+            )
 
         cores = os.cpu_count() or 1
         backend_config = {
