@@ -93,11 +93,21 @@ def test_train_sft_with_a_zero_weight_example_matches_training_without_it(tiny_l
 
 
 def test_feedback_weights_zero_below_threshold_and_favour_better_scores() -> None:
-    weights = feedback_weights(np.array([0.9, 0.1, 0.5, 0.3]), threshold=0.3)
+    # 4 choices: chance 0.25; advantages 0.867, -0.2, 0.333, 0.067
+    weights = feedback_weights(np.array([0.9, 0.1, 0.5, 0.3]), 4, threshold=0.05)
     assert weights[1] == 0.0
     assert weights[0] > weights[2] > weights[3] > 0
     assert np.isclose(weights[weights > 0].mean(), 1.0)
-    assert not feedback_weights(np.array([0.1, 0.2]), threshold=0.5).any()
+    assert np.allclose(weights[[0, 2, 3]] / weights[0], np.array([0.65, 0.25, 0.05]) / 0.65)
+    assert not feedback_weights(np.array([0.1, 0.2]), 4, threshold=0.5).any()
+
+
+def test_feedback_threshold_is_relative_to_chance_of_each_candidate() -> None:
+    # 0.3 is above chance for 4 choices (0.25) but below it for 3 (0.333...)
+    weights = feedback_weights(np.array([0.3, 0.3]), np.array([4, 3]), threshold=0.0)
+    assert weights[0] > 0 and weights[1] == 0.0
+    # a score exactly at chance never counts, even with threshold 0
+    assert not feedback_weights(np.array([0.2]), 5, threshold=0.0).any()
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -250,8 +260,12 @@ def test_tiny_run_with_a_scripted_generator_trains_both_sides_and_saves_each_rou
         ]
         return (valid + broken)[: len(prompts)]
 
+    def confident(lm, questions, **kwargs) -> np.ndarray:  # tiny random SLMs sit at chance
+        return np.linspace(0.9, 0.4, len(questions)).astype(np.float32)
+
     calls: list[int] = []
     monkeypatch.setattr(crosslm_module, "generate_texts", scripted)
+    monkeypatch.setattr(crosslm_module, "choice_probabilities", confident)
     config = build_config(_crosslm_config(tiny_llama, tiny_llama_big, score_threshold=0.0))
     out = tmp_path / "run"
     run_experiment(config, out)

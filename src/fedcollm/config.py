@@ -154,7 +154,11 @@ class CrossLMConfig(_Section):
         True, description="Permute each parsed candidate's choices (seeded) to undo the LLM's letter bias."
     )
     score_threshold: float = Field(
-        0.3, ge=0, le=1, description="Candidates whose mean SLM score is below this get weight 0."
+        0.1,
+        ge=0,
+        le=1,
+        description="Least advantage over chance, (score - 1/choices) / (1 - 1/choices), that a "
+        "candidate's mean SLM score needs for a positive weight.",
     )
     generation_loss_weight: float = Field(
         1.0, ge=0, description="Weight of the 'write this example' likelihood next to the answer loss."
@@ -196,6 +200,13 @@ class RobustnessConfig(_Section):
     min_clients: int = Field(1, ge=1, description="Fewest accepted uploads a round may aggregate.")
 
 
+class CheckpointConfig(_Section):
+    """Per-round checkpoints, from which `fedcollm run --resume DIR` continues a run."""
+
+    enabled: bool = Field(True, description="Write a checkpoint after the first evaluation and every round.")
+    keep_last: int = Field(2, ge=0, description="Checkpoints kept in <run>/checkpoints (0 = keep all).")
+
+
 class CompareConfig(_Section):
     """What `fedcollm compare` runs: every method on every task, same partition and seeds."""
 
@@ -228,6 +239,7 @@ class ExperimentConfig(_Section):
     fedmkt: FedMKTConfig = Field(default_factory=FedMKTConfig)
     crosslm: CrossLMConfig = Field(default_factory=CrossLMConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @field_validator("algorithm")

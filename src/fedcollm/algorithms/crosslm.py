@@ -12,9 +12,9 @@ abstract leaves open is listed in docs/algorithms/crosslm.md. One round t, in th
 - `aggregate_fit`: the example-weighted mean of the score vectors (FedAvg's mean, so it can run
   under secure aggregation on the Flower engine).
 - `server_update`: the LLM's LoRA trains on C_t with a feedback-weighted likelihood (weight 0
-  below `crosslm.score_threshold`) on two objectives, answering each candidate and writing it
-  after the generation prompt; the candidates with a positive weight become S_t. Every
-  generation of the round is written to `<run>/synthetic/round_<t>.jsonl`.
+  unless the score beats chance by `crosslm.score_threshold`) on two objectives, answering each
+  candidate and writing it after the generation prompt; the candidates with a positive weight
+  become S_t. Every generation of the round is written to `<run>/synthetic/round_<t>.jsonl`.
 
 With `crosslm.closing_round` the loop runs one more round in which the clients train on S_T and
 score the final LLM's candidates, while the LLM is left as it is. Clients never send adapters:
@@ -78,14 +78,19 @@ _CHECK_TOLERANCE = 1e-3
 _REPORTER = "crosslm.reporter"
 
 
-def feedback_weights(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Per-candidate training weights: the score itself if at least `threshold`, else 0.
+def feedback_weights(scores: np.ndarray, num_choices: np.ndarray | int, threshold: float) -> np.ndarray:
+    """Per-candidate training weights from the SLMs' mean probability of the labelled answer.
 
-    Rescaled so the positive weights average 1, which keeps the LLM's step size independent of
-    how confident the SLMs happen to be while better-scored candidates still weigh more.
+    A score counts by its advantage over chance, a = (s - 1/m) / (1 - 1/m) for m choices (0 at
+    chance, 1 for certainty), so one threshold means the same on tasks with 4 or 5 choices and
+    SLMs near chance do not pass by luck. The weight is a if a >= `threshold` (and a > 0), else 0;
+    positive weights are rescaled to average 1, which keeps the LLM's step size independent of how
+    confident the SLMs happen to be while better-scored candidates still weigh more.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    weights = np.where(scores >= threshold, scores, 0.0)
+    chance = 1.0 / np.asarray(num_choices, dtype=np.float64)
+    advantage = (scores - chance) / (1.0 - chance)
+    weights = np.where((advantage >= threshold) & (advantage > 0), advantage, 0.0)
     positive = weights > 0
     if positive.any():
         weights[positive] /= weights[positive].mean()
@@ -140,6 +145,8 @@ class CrossLM(Algorithm):
     uses_llm = True
     secure_aggregation = True
     evaluates_on_clients = True
+    server_state_keys = ("selected", "llm_version")
+    client_state_keys = ("adapter",)
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)
@@ -162,6 +169,17 @@ class CrossLM(Algorithm):
 
     def _closing(self, rnd: int) -> bool:
         return rnd > self.config.federation.rounds
+
+    def server_state(self, server: ServerRuntime) -> dict[str, Any]:
+        state = super().server_state(server)
+        if "selected" in state["state"]:  # questions travel as arrays, in checkpoints as in messages
+            state["state"]["selected"] = pack_questions(state["state"]["selected"], SYNTHETIC)
+        return state
+
+    def restore_server_state(self, server: ServerRuntime, state: dict[str, Any]) -> None:
+        super().restore_server_state(server, state)
+        if "selected" in server.state:
+            server.state["selected"] = unpack_questions(server.state["selected"], SYNTHETIC)
 
     # ------------------------------------------------------------------ server: generation
 
@@ -298,7 +316,8 @@ class CrossLM(Algorithm):
         generated: RoundData = server.state["generated"].pop(rnd)
         valid = generated.valid
         scores = self._scores(aggregate, len(valid), rnd)
-        weights = feedback_weights(scores, cfg.score_threshold)
+        num_choices = np.array([len(r.question.choices) for r in valid if r.question is not None])
+        weights = feedback_weights(scores, num_choices, cfg.score_threshold)
         for record, score, weight in zip(valid, scores, weights, strict=True):
             record.score, record.weight, record.selected = float(score), float(weight), bool(weight > 0)
         metrics = self._generation_metrics(generated, scores, weights, rnd)
