@@ -19,8 +19,9 @@ from fedcollm.evaluate import (
     sequence_loglikelihoods,
 )
 from fedcollm.forward import full_logits
-from fedcollm.models import load_with_lora
+from fedcollm.models import get_adapter, load_with_lora, set_adapter
 from fedcollm.train import train_sft
+from tests.tiny import ARCHITECTURES, CORPUS, make_model
 
 HAND_MADE = [
     MCRequest(
@@ -95,9 +96,7 @@ def test_a_model_trained_on_the_answers_scores_them_all_correct(tiny_llama: Path
     )
     before = evaluate(lm.model, lm.tokenizer, HAND_MADE, add_bos=False)
     examples = [encode_pair(lm.tokenizer, r.context, r.continuations[r.gold]) for r in HAND_MADE]
-    train_sft(
-        lm.model, examples, pad_id=0, lr=3e-2, cfg=TrainConfig(epochs=40, batch_size=4), seed=0
-    )
+    train_sft(lm.model, examples, pad_id=0, lr=3e-2, cfg=TrainConfig(epochs=40, batch_size=4), seed=0)
     after = evaluate(lm.model, lm.tokenizer, HAND_MADE, add_bos=False)
     assert after.acc == 1.0
     assert after.acc > before.acc
@@ -126,3 +125,46 @@ def test_encode_pair_splits_like_lm_eval(tiny_llama: Path) -> None:
     assert cut.n_target == full.n_target
     with pytest.raises(ValueError, match="does not fit"):
         encode_pair(tok, "The sun is", " Plants", max_length=full.n_target)
+
+
+SHARED_CONTEXTS = [
+    *HAND_MADE,
+    MCRequest(  # choices of different lengths after one context, one of them sharing a first token
+        "q5",
+        "Question: Which factor will most likely cause a person to develop a fever?\nAnswer:",
+        (" a leg muscle relaxing after exercise", " a bacterial population in the bloodstream", " a"),
+        ("a leg muscle relaxing after exercise", "a bacterial population in the bloodstream", "a"),
+        1,
+    ),
+    MCRequest("q6", "", (" The sun is a star", " Water"), ("The sun is a star", "Water"), 0),  # empty context
+    MCRequest(  # a context longer than the tiny Gemma's 64-token sliding window
+        "q7",
+        " ".join(CORPUS[4:] * 3) + "\nQuestion: Rocks are classified as\nAnswer:",
+        (" igneous, metamorphic, or sedimentary", " water"),
+        ("igneous, metamorphic, or sedimentary", "water"),
+        0,
+    ),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shared_context_scoring_equals_the_full_forward_of_each_sequence(
+    tmp_path_factory: pytest.TempPathFactory, arch: str
+) -> None:
+    folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+    lm = load_with_lora(str(make_model(folder, arch, seed=3)), LoraConfig(r=4), seed=0)
+    # A non-zero adapter, so the LoRA path is exercised too; eval mode: no dropout in the reference.
+    set_adapter(lm.model, {k: np.full_like(v, 0.05) for k, v in get_adapter(lm.model).items()})
+    lm.model.eval()
+    for add_bos in (False, True):
+        encoded = encode_requests(lm.tokenizer, SHARED_CONTEXTS, add_bos=add_bos)
+        reference = []
+        with torch.no_grad():
+            for seq in encoded.sequences:
+                batch = collate([seq], 0)
+                logprobs = torch.log_softmax(full_logits(lm.model, batch), -1).double()
+                reference.append(float(logprobs.gather(1, batch.targets[:, None]).sum()))
+        for batch_size in (1, 3, 16):
+            ours = sequence_loglikelihoods(lm.model, encoded.sequences, 0, batch_size=batch_size)
+            where = f"{arch}, bos={add_bos}, batch_size={batch_size}"
+            np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5, err_msg=where)

@@ -30,7 +30,18 @@ def target_logits(model: PeftModel | PreTrainedModel, batch: Batch) -> torch.Ten
     lm = _causal_lm(model)
     decoder = lm.get_decoder()
     out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    hidden = out.last_hidden_state[batch.predict_mask]
+    return head_logits(model, out.last_hidden_state[batch.predict_mask])
+
+
+def decoder_of(model: PeftModel | PreTrainedModel) -> torch.nn.Module:
+    """The model's decoder stack (embeddings and blocks, no LM head), adapters included."""
+    return _causal_lm(model).get_decoder()
+
+
+def head_logits(model: PeftModel | PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on decoder hidden states [P, H]: logits [P, V] in float32 (softcapped if the
+    model's config says so), exactly as the model's own forward computes them."""
+    lm = _causal_lm(model)
     logits = lm.get_output_embeddings()(hidden).float()
     softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
     if softcap:
