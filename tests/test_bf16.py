@@ -34,6 +34,7 @@ def test_bf16_base_keeps_float32_adapters_and_float32_logits(tiny_llama: Path) -
     frozen = [p for p in lm.model.parameters() if not p.requires_grad]
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
     assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert lm.model.get_base_model().config._attn_implementation == "eager"  # faster than SDPA in bf16
     assert all(a.dtype == np.float32 for a in get_adapter(lm.model).values())
     batch = collate([encode_pair(lm.tokenizer, c, a) for c, a in TEXTS], 0)
     logits = target_logits(lm.model, batch)
