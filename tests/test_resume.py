@@ -50,6 +50,13 @@ def _files(out: Path) -> dict[str, bytes]:
     }
 
 
+def _fedavg(slm: Path, rounds: int, **overrides: object) -> dict:
+    """A small FedAvg experiment (no LLM): the cheapest run that exercises the round loop."""
+    return tiny_config(
+        slm, slm, algorithm="fedavg", federation={"rounds": rounds, "num_clients": 2}, **overrides
+    )
+
+
 def _config(slm: Path, llm: Path, other: Path, algorithm: str) -> dict:
     federation: dict = {"rounds": 3, "num_clients": 2}
     extra: dict = {}
@@ -112,29 +119,13 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(
 
 
 def test_keep_last_bounds_the_checkpoints_on_disk(tiny_llama: Path, tmp_path: Path) -> None:
-    cfg = build_config(
-        tiny_config(
-            tiny_llama,
-            tiny_llama,
-            algorithm="fedavg",
-            federation={"rounds": 3, "num_clients": 2},
-            checkpoint={"keep_last": 1},
-        )
-    )
+    cfg = build_config(_fedavg(tiny_llama, 3, checkpoint={"keep_last": 1}))
     run_experiment(cfg, tmp_path / "run")
     assert [p.name for p in (tmp_path / "run" / CHECKPOINT_DIR).iterdir()] == ["round-0003"]
 
 
 def test_checkpoints_can_be_switched_off(tiny_llama: Path, tmp_path: Path) -> None:
-    cfg = build_config(
-        tiny_config(
-            tiny_llama,
-            tiny_llama,
-            algorithm="fedavg",
-            federation={"rounds": 1, "num_clients": 2},
-            checkpoint={"enabled": False},
-        )
-    )
+    cfg = build_config(_fedavg(tiny_llama, 1, checkpoint={"enabled": False}))
     run_experiment(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / CHECKPOINT_DIR).exists()
 
@@ -142,9 +133,7 @@ def test_checkpoints_can_be_switched_off(tiny_llama: Path, tmp_path: Path) -> No
 def test_a_finished_run_is_not_restarted_without_resume_or_overwrite(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    cfg = build_config(
-        tiny_config(tiny_llama, tiny_llama, algorithm="fedavg", federation={"rounds": 1, "num_clients": 2})
-    )
+    cfg = build_config(_fedavg(tiny_llama, 1))
     run_experiment(cfg, tmp_path / "run")
     before = _files(tmp_path / "run")
     with pytest.raises(RunFolderError, match="--resume"):
@@ -153,7 +142,7 @@ def test_a_finished_run_is_not_restarted_without_resume_or_overwrite(
 
 
 def test_resume_refuses_a_folder_holding_a_different_experiment(tiny_llama: Path, tmp_path: Path) -> None:
-    base = tiny_config(tiny_llama, tiny_llama, algorithm="fedavg", federation={"rounds": 1, "num_clients": 2})
+    base = _fedavg(tiny_llama, 1)
     run_experiment(build_config(base), tmp_path / "run")
     before = _files(tmp_path / "run")
     other = build_config(base | {"seed": 1})
@@ -165,9 +154,7 @@ def test_resume_refuses_a_folder_holding_a_different_experiment(tiny_llama: Path
 def test_a_corrupt_newest_checkpoint_is_skipped_with_a_note(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = build_config(
-        tiny_config(tiny_llama, tiny_llama, algorithm="fedavg", federation={"rounds": 3, "num_clients": 2})
-    )
+    cfg = build_config(_fedavg(tiny_llama, 3))
     run_experiment(cfg, tmp_path / "straight")
     with monkeypatch.context() as patch:
         _crash_in_round(patch, crash_round=3)
@@ -191,7 +178,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_note(
 
 
 def test_a_checkpoint_of_another_experiment_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
-    base = tiny_config(tiny_llama, tiny_llama, algorithm="fedavg", federation={"rounds": 1, "num_clients": 2})
+    base = _fedavg(tiny_llama, 1)
     run_experiment(build_config(base), tmp_path / "a")
     run_experiment(build_config(base | {"seed": 1}), tmp_path / "b")
     (tmp_path / "a" / CHECKPOINT_DIR).rename(tmp_path / "a" / "old")
@@ -203,15 +190,7 @@ def test_a_checkpoint_of_another_experiment_is_refused(tiny_llama: Path, tmp_pat
 def test_too_few_uploads_stop_the_round_pointing_at_the_last_checkpoint(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = build_config(
-        tiny_config(
-            tiny_llama,
-            tiny_llama,
-            algorithm="fedavg",
-            federation={"rounds": 2, "num_clients": 2},
-            robustness={"min_clients": 2},
-        )
-    )
+    cfg = build_config(_fedavg(tiny_llama, 2, robustness={"min_clients": 2}))
 
     class OnePoisoned(InProcessTransport):
         def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
