@@ -18,12 +18,11 @@ ledger counts the arrays as they travel). Reported:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
-from benchlib import Row, markdown_table, quiet
+from benchlib import Row, quiet, run_as_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,13 +160,8 @@ def run(out: Path, quick: bool = False) -> list[Row]:
 
 
 def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
-    args = parser.parse_args()
-    print(markdown_table(run(args.out, args.quick)))
-    print((args.out / "communication.md").read_text(encoding="utf-8"))
+    out = run_as_script(run, __doc__)
+    print((out / "communication.md").read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

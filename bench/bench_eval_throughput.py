@@ -18,7 +18,6 @@ the detail gives both.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchlib import Row, markdown_table, quiet
+from benchlib import Row, quiet, run_as_script
 
 TASKS = (("arc_easy", 100), ("commonsense_qa", 50))
 """Task and number of validation questions: multi-token choices, and one-token letter choices."""
@@ -118,12 +117,7 @@ def run(out: Path, quick: bool = False) -> list[Row]:
 
 
 def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
-    args = parser.parse_args()
-    print(markdown_table(run(args.out, args.quick)))
+    run_as_script(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ kernel's backward is not counted (useful FLOPs only).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import time
@@ -48,7 +47,7 @@ from typing import Any
 
 import torch
 
-from benchlib import Row, environment, fixed_length_examples, markdown_table, median, quiet
+from benchlib import Row, environment, fixed_length_examples, median, quiet, run_as_script
 
 MODEL = "smollm2-135m"
 
@@ -305,12 +304,7 @@ def run(out: Path, quick: bool = False) -> list[Row]:
 
 
 def main() -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
-    args = parser.parse_args()
-    print(markdown_table(run(args.out, args.quick)))
+    run_as_script(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ works (seconds, not figures).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 Better = Literal["higher", "lower"]
@@ -168,3 +170,16 @@ def fixed_length_examples(tokenizer: Any, count: int, length: int, answer_tokens
         Encoded(tuple(int(t) for t in ids[i * length : (i + 1) * length]), length - answer_tokens)
         for i in range(count)
     ]
+
+
+def run_as_script(run: Callable[[Path, bool], list[Row]], doc: str | None) -> Path:
+    """A benchmark module's command line (`--quick`, `--out DIR`): run it, print its rows as a table.
+
+    Returns the output folder, for scripts that print files their run wrote there.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    print(markdown_table(run(args.out, args.quick)))
+    return args.out
