@@ -41,6 +41,7 @@ def benchmarks() -> dict[str, Benchmark]:
     import bench_comm
     import bench_distill
     import bench_eval_throughput
+    import bench_load
     import bench_memory
     import bench_train
 
@@ -50,6 +51,7 @@ def benchmarks() -> dict[str, Benchmark]:
         "eval": bench_eval_throughput.run,
         "comm": bench_comm.run,
         "memory": bench_memory.run,
+        "load": bench_load.run,
     }
 
 

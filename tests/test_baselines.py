@@ -115,16 +115,16 @@ def test_fedavg_server_step_is_a_pure_average(tiny_llama: Path, tiny_llama_big: 
 def test_centralized_trains_the_llm_on_every_shard_and_the_aux_set(
     tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, spy_fit: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedcollm.algorithms.baselines as baselines
+    import fedcollm.algorithms.base as base
 
     trained_on: list[int] = []
-    original = baselines.train_sft
+    original = base.train_sft
 
     def spy(model, examples, **kwargs):
         trained_on.append(len(examples))
         return original(model, examples, **kwargs)
 
-    monkeypatch.setattr(baselines, "train_sft", spy)
+    monkeypatch.setattr(base, "train_sft", spy)  # every SFT of an algorithm goes through base
     cfg = build_config(
         tiny_config(
             tiny_llama, tiny_llama_big, algorithm="centralized", federation={"rounds": 1, "num_clients": 2}

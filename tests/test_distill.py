@@ -11,6 +11,7 @@ import torch
 from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
 from fedcollm.distill import (
     TokenizerMismatchError,
+    distill_losses,
     kd_loss,
     kd_loss_sparse,
     mutual_distill,
@@ -47,11 +48,12 @@ def test_kd_loss_is_zero_for_identical_distributions_and_gradient_only_reaches_s
     assert t.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-base"])
 def test_mutual_distillation_moves_both_adapters_toward_each_other(
-    tiny_llama: Path, tiny_llama_big: Path
+    tiny_llama: Path, tiny_llama_big: Path, dtype: torch.dtype
 ) -> None:
-    llm = load_with_lora(str(tiny_llama_big), LoraConfig(r=4, dropout=0.0), seed=0)
-    slm = load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=0.0), seed=1)
+    llm = load_with_lora(str(tiny_llama_big), LoraConfig(r=4, dropout=0.0), seed=0, dtype=dtype)
+    slm = load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=0.0), seed=1, dtype=dtype)
     before_f, before_g = get_adapter(llm.model), get_adapter(slm.model)
     texts = [("Question: Plants need?\nAnswer:", " light"), ("The sun is", " a star")] * 2
     ex_f = [encode_pair(llm.tokenizer, c, a) for c, a in texts]
@@ -73,7 +75,38 @@ def test_mutual_distillation_moves_both_adapters_toward_each_other(
     after_f, after_g = get_adapter(llm.model), get_adapter(slm.model)
     assert any(not np.array_equal(before_f[k], after_f[k]) for k in before_f)
     assert any(not np.array_equal(before_g[k], after_g[k]) for k in before_g)
-    assert all(np.isfinite(v).all() for v in [*after_f.values(), *after_g.values()])
+    # With a bf16 base the adapters stay float32 (the optimizer state is float32 too).
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in [*after_f.values(), *after_g.values()])
+
+
+def test_one_forward_per_model_each_loss_reaches_only_its_own_adapter(
+    tiny_llama: Path, tiny_llama_big: Path
+) -> None:
+    """The shared forward must not leak: L_f trains only the LLM, L_g only the SLM."""
+    texts = [("Question: Plants need?\nAnswer:", " light"), ("The sun is", " a star")]
+    for loss_index, trained, untouched in ((0, "llm", "slm"), (1, "slm", "llm")):
+        models = {
+            "llm": load_with_lora(str(tiny_llama_big), LoraConfig(r=4, dropout=0.0), seed=0),
+            "slm": load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=0.0), seed=1),
+        }
+        items = {name: [encode_pair(m.tokenizer, c, a) for c, a in texts] for name, m in models.items()}
+        losses = distill_losses(
+            models["llm"].model,
+            models["slm"].model,
+            items["llm"],
+            items["slm"],
+            llm_pad_id=0,
+            slm_pad_id=0,
+            cfg=DistillConfig(kd_weight=1.0),
+        )
+        assert float(losses[2]) > 0 and float(losses[3]) > 0  # the two models disagree
+        losses[loss_index].backward()
+        grads = {
+            name: [p.grad for p in m.model.parameters() if p.requires_grad] for name, m in models.items()
+        }
+        assert all(g is not None for g in grads[trained]), trained
+        assert any(float(g.abs().sum()) > 0 for g in grads[trained]), trained  # lora_B (A's is 0 at init)
+        assert all(g is None for g in grads[untouched]), untouched
 
 
 def test_different_tokenizers_without_alignment_stop_with_a_clear_message(

@@ -82,9 +82,7 @@ def test_adapter_round_trip_through_peft_format(tiny_llama: Path, tmp_path: Path
     lm = load_with_lora(str(tiny_llama), LoraConfig(r=4), seed=0)
     arrays = _perturb(get_adapter(lm.model))
     save_adapter(lm.model, tmp_path / "adapter", arrays)
-    reloaded = PeftModel.from_pretrained(
-        load_base_model(str(tiny_llama)), str(tmp_path / "adapter")
-    )
+    reloaded = PeftModel.from_pretrained(load_base_model(str(tiny_llama)), str(tmp_path / "adapter"))
     back = get_adapter(reloaded)
     assert list(back) == list(arrays)
     for name in arrays:
@@ -111,3 +109,44 @@ def test_lora_init_is_seeded(tiny_llama: Path) -> None:
 
 def test_tokenizer_gets_a_pad_token(tiny_llama: Path) -> None:
     assert load_tokenizer(str(tiny_llama)).pad_token_id is not None
+
+
+SAMPLE_TEXTS = [
+    "Question: Which of these is a mammal?\nAnswer: the whale",
+    " leading space,  double  spaces and a trailing one ",
+    "tabs\tand\nnew\n\nlines\r\n",
+    "Ünïcödé: naïve café, 東京, Привет, emoji 🌍🚀",
+    "numbers 3.14159 and 1,000,000; symbols <>{}[]#@~",
+    "<bos>literal special tokens<eos> <start_of_turn>user hi<end_of_turn> <|im_start|>",
+    "",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_converted_tokenizer_behaves_like_autotokenizer(alias: str) -> None:
+    """The fast path for converted GGUF folders must be the tokenizer AutoTokenizer would give."""
+    from transformers import AutoTokenizer
+
+    from fedcollm.models import needs_bos
+
+    ours = load_tokenizer(alias)
+    reference = AutoTokenizer.from_pretrained(resolve_model(alias))
+    if reference.pad_token_id is None:
+        reference.pad_token = reference.eos_token
+    reference.padding_side = "right"
+    for attribute in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "all_special_ids"):
+        assert getattr(ours, attribute) == getattr(reference, attribute), attribute
+    assert len(ours) == len(reference) and ours.get_vocab() == reference.get_vocab()
+    assert needs_bos(ours) == needs_bos(reference)
+    for special in (True, False):
+        for text in SAMPLE_TEXTS:
+            ids = ours(text, add_special_tokens=special)["input_ids"]
+            assert ids == reference(text, add_special_tokens=special)["input_ids"], (special, text)
+            for skip in (True, False):
+                decoded = ours.decode(ids, skip_special_tokens=skip)
+                assert decoded == reference.decode(ids, skip_special_tokens=skip), (skip, text)
+    padded = ours(SAMPLE_TEXTS, padding=True)
+    expected = reference(SAMPLE_TEXTS, padding=True)
+    assert padded["input_ids"] == expected["input_ids"]
+    assert padded["attention_mask"] == expected["attention_mask"]

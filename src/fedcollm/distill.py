@@ -116,6 +116,46 @@ def aligned_teacher(
     )
 
 
+def distill_losses(
+    llm: PeftModel,
+    slm: PeftModel,
+    llm_items: Sequence[Encoded],
+    slm_items: Sequence[Encoded],
+    *,
+    llm_pad_id: int,
+    slm_pad_id: int,
+    cfg: DistillConfig,
+    direction: KdDirection = "forward",
+    bridges: tuple[TokenBridge, TokenBridge] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of Eq. 4-6 from one forward of each model: (L_f, L_g, KD term of f, KD term of g).
+
+    Each model's logits are its student output and, detached inside the KD loss, the other's
+    teacher, so backpropagating L_f + L_g reaches each adapter only through its own loss.
+    """
+    batch_f = collate(list(llm_items), llm_pad_id)
+    batch_g = collate(list(slm_items), slm_pad_id)
+    f_logits = target_logits(llm, batch_f)
+    g_logits = target_logits(slm, batch_g)
+    if bridges is None:
+        if batch_f.num_targets != batch_g.num_targets:
+            raise TokenizerMismatchError(
+                "the two models split the answers into different tokens, so their logits cannot "
+                "be compared position by position; token alignment is needed (pass bridges)"
+            )
+        vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embedding rows past the tokenizer
+        kd_f = kd_loss(f_logits[:, :vocab], g_logits[:, :vocab], cfg.temperature, direction)
+        kd_g = kd_loss(g_logits[:, :vocab], f_logits[:, :vocab], cfg.temperature, direction)
+    else:
+        g_ids, g_vals = aligned_teacher(f_logits, llm_items, slm_items, bridges[0], cfg.top_k)
+        f_ids, f_vals = aligned_teacher(g_logits, slm_items, llm_items, bridges[1], cfg.top_k)
+        kd_f = kd_loss_sparse(f_logits, f_ids, f_vals, cfg.temperature)
+        kd_g = kd_loss_sparse(g_logits, g_ids, g_vals, cfg.temperature)
+    loss_f = answer_cross_entropy(f_logits, batch_f) + cfg.kd_weight * kd_f
+    loss_g = answer_cross_entropy(g_logits, batch_g) + cfg.kd_weight * kd_g
+    return loss_f, loss_g, kd_f, kd_g
+
+
 @dataclass(frozen=True)
 class DistillResult:
     steps: int
@@ -166,28 +206,17 @@ def mutual_distill(
     steps = 0
     for order in orders:
         for index in batches(llm_examples, cfg.batch_size, order):
-            batch_f = collate([llm_examples[i] for i in index], llm_pad_id)
-            batch_g = collate([slm_examples[i] for i in index], slm_pad_id)
-            f_logits = target_logits(llm, batch_f)
-            g_logits = target_logits(slm, batch_g)
-            if bridges is None:
-                if batch_f.num_targets != batch_g.num_targets:
-                    raise TokenizerMismatchError(
-                        "the two models split the answers into different tokens, so their logits cannot "
-                        "be compared position by position; token alignment is needed (pass bridges)"
-                    )
-                vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embedding rows past the tokenizer
-                kd_f = kd_loss(f_logits[:, :vocab], g_logits[:, :vocab], cfg.temperature, direction)
-                kd_g = kd_loss(g_logits[:, :vocab], f_logits[:, :vocab], cfg.temperature, direction)
-            else:
-                f_items = [llm_examples[i] for i in index]
-                g_items = [slm_examples[i] for i in index]
-                g_ids, g_vals = aligned_teacher(f_logits, f_items, g_items, bridges[0], cfg.top_k)
-                f_ids, f_vals = aligned_teacher(g_logits, g_items, f_items, bridges[1], cfg.top_k)
-                kd_f = kd_loss_sparse(f_logits, f_ids, f_vals, cfg.temperature)
-                kd_g = kd_loss_sparse(g_logits, g_ids, g_vals, cfg.temperature)
-            loss_f = answer_cross_entropy(f_logits, batch_f) + cfg.kd_weight * kd_f
-            loss_g = answer_cross_entropy(g_logits, batch_g) + cfg.kd_weight * kd_g
+            loss_f, loss_g, kd_f, kd_g = distill_losses(
+                llm,
+                slm,
+                [llm_examples[i] for i in index],
+                [slm_examples[i] for i in index],
+                llm_pad_id=llm_pad_id,
+                slm_pad_id=slm_pad_id,
+                cfg=cfg,
+                direction=direction,
+                bridges=bridges,
+            )
             (loss_f + loss_g).backward()
             for model, opt, sched in ((llm, opt_f, sched_f), (slm, opt_g, sched_g)):
                 if step_cfg.grad_clip > 0:

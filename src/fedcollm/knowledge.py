@@ -26,7 +26,7 @@ from fedcollm.config import TrainConfig
 from fedcollm.distill import kd_loss_sparse
 from fedcollm.encoding import Encoded, batches, collate
 from fedcollm.forward import answer_cross_entropy, per_sequence_sum, target_logits
-from fedcollm.train import epoch_orders, make_optimizer, trainable_parameters
+from fedcollm.train import optimise
 
 Arrays = dict[str, np.ndarray]
 KEYS = ("loss", "lengths", "ids", "values")
@@ -318,54 +318,38 @@ def train_with_knowledge(
     """
     if len(examples) != len(teachers) or not examples:
         raise ValueError("need one teacher entry (or None) per example, and at least one example")
-    orders = epoch_orders(len(examples), epochs, seed)
-    total = -(-len(examples) // cfg.batch_size) * epochs
-    optimizer, scheduler = make_optimizer(model, lr, cfg, total)
-    torch.manual_seed(seed)
-    model.train()
-    sums = np.zeros(3)
-    steps = 0
-    for order in orders:
-        for index in batches(examples, cfg.batch_size, order):
-            items = [examples[i] for i in index]
-            batch = collate(items, pad_id)
-            logits = target_logits(model, batch)
-            ce = answer_cross_entropy(logits, batch)
-            positions, t_ids, t_vals = [], [], []
-            start = 0
-            for i, item in zip(index, items, strict=True):
-                teacher = teachers[i]
-                if teacher is not None:
-                    if teacher[0].shape[0] != item.n_target:
-                        raise ValueError(
-                            f"teacher of example {i} has {teacher[0].shape[0]} rows "
-                            f"for {item.n_target} tokens"
-                        )
-                    positions.append(np.arange(start, start + item.n_target))
-                    t_ids.append(teacher[0])
-                    t_vals.append(teacher[1])
-                start += item.n_target
-            if positions:
-                k = max(a.shape[1] for a in t_ids)
-                ids = np.concatenate([_pad(a, k, -1) for a in t_ids]).astype(np.int64)
-                vals = np.concatenate([_pad(a.astype(np.float32), k, -np.inf) for a in t_vals])
-                rows = torch.from_numpy(np.concatenate(positions))
-                kd = kd_loss_sparse(logits[rows], torch.from_numpy(ids), torch.from_numpy(vals), temperature)
-            else:
-                kd = logits.sum() * 0.0
-            loss = ce_weight * ce + (1.0 - ce_weight) * kd
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            sums += [float(loss.detach()), float(ce.detach()), float(kd.detach())]
-            if on_step is not None:
-                on_step(steps, total, float(loss.detach()))
-    model.eval()
-    means = sums / max(1, steps)
+
+    def loss_of(index: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        items = [examples[i] for i in index]
+        batch = collate(items, pad_id)
+        logits = target_logits(model, batch)
+        ce = answer_cross_entropy(logits, batch)
+        positions, t_ids, t_vals = [], [], []
+        start = 0
+        for i, item in zip(index, items, strict=True):
+            teacher = teachers[i]
+            if teacher is not None:
+                if teacher[0].shape[0] != item.n_target:
+                    raise ValueError(
+                        f"teacher of example {i} has {teacher[0].shape[0]} rows for {item.n_target} tokens"
+                    )
+                positions.append(np.arange(start, start + item.n_target))
+                t_ids.append(teacher[0])
+                t_vals.append(teacher[1])
+            start += item.n_target
+        if positions:
+            k = max(a.shape[1] for a in t_ids)
+            ids = np.concatenate([_pad(a, k, -1) for a in t_ids]).astype(np.int64)
+            vals = np.concatenate([_pad(a.astype(np.float32), k, -np.inf) for a in t_vals])
+            rows = torch.from_numpy(np.concatenate(positions))
+            kd = kd_loss_sparse(logits[rows], torch.from_numpy(ids), torch.from_numpy(vals), temperature)
+        else:
+            kd = logits.sum() * 0.0
+        return ce_weight * ce + (1.0 - ce_weight) * kd, ce, kd
+
+    steps, means = optimise(
+        model, len(examples), loss_of, lr=lr, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step
+    )
     return KnowledgeTrainResult(
         steps,
         float(means[0]),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from fedcollm.config import TrainConfig
-from fedcollm.encoding import Batch, Encoded, batches, collate
+from fedcollm.encoding import Batch, Encoded, collate
 from fedcollm.forward import answer_cross_entropy, target_logits
 
 StepCallback = Callable[[int, int, float], None]
@@ -107,30 +107,57 @@ def train_sft(
         row_weights = torch.tensor([float(weights[i]) for i in kept], dtype=torch.float32)
     if not examples:
         raise ValueError("no training examples" + (" with a positive weight" if weights is not None else ""))
+
+    def loss_of(index: list[int]) -> tuple[torch.Tensor]:
+        batch = collate([examples[i] for i in index], pad_id)
+        logits = target_logits(model, batch)
+        if row_weights is None:
+            return (answer_cross_entropy(logits, batch),)
+        return (weighted_answer_cross_entropy(logits, batch, row_weights[index]),)
+
     epochs = cfg.epochs if epochs is None else epochs
-    orders = epoch_orders(len(examples), epochs, seed)
-    steps_per_epoch = -(-len(examples) // cfg.batch_size)
-    total = steps_per_epoch * epochs
+    steps, means = optimise(
+        model, len(examples), loss_of, lr=lr, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step
+    )
+    return TrainResult(steps=steps, mean_loss=float(means[0]), num_examples=len(examples))
+
+
+def optimise(
+    model: PeftModel,
+    num_examples: int,
+    loss_of: Callable[[list[int]], Sequence[torch.Tensor]],
+    *,
+    lr: float,
+    cfg: TrainConfig,
+    epochs: int,
+    seed: int,
+    on_step: StepCallback | None = None,
+) -> tuple[int, np.ndarray]:
+    """The adapter-training loop every trainer shares; returns the step count and each term's mean.
+
+    Seeded epoch orders, batches of `cfg.batch_size`, AdamW with warmup and linear decay, gradient
+    clipping. `loss_of(index)` gives the batch's loss to minimise first, then any terms to report.
+    """
+    orders = epoch_orders(num_examples, epochs, seed)
+    total = -(-num_examples // cfg.batch_size) * epochs
     optimizer, scheduler = make_optimizer(model, lr, cfg, total)
     torch.manual_seed(seed)
     model.train()
-    losses: list[float] = []
+    sums: np.ndarray | None = None
+    steps = 0
     for order in orders:
-        for index in batches(examples, cfg.batch_size, order):
-            batch = collate([examples[i] for i in index], pad_id)
-            logits = target_logits(model, batch)
-            if row_weights is None:
-                loss = answer_cross_entropy(logits, batch)
-            else:
-                loss = weighted_answer_cross_entropy(logits, batch, row_weights[index])
-            loss.backward()
+        for start in range(0, num_examples, cfg.batch_size):
+            terms = loss_of(list(order[start : start + cfg.batch_size]))
+            terms[0].backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            values = np.array([float(t.detach()) for t in terms])
+            sums = values if sums is None else sums + values
+            steps += 1
             if on_step is not None:
-                on_step(len(losses), total, losses[-1])
+                on_step(steps, total, float(values[0]))
     model.eval()
-    return TrainResult(steps=len(losses), mean_loss=float(np.mean(losses)), num_examples=len(examples))
+    return steps, (sums if sums is not None else np.zeros(1)) / max(1, steps)

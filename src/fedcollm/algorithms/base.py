@@ -16,8 +16,9 @@ import numpy as np
 
 from fedcollm import wire
 from fedcollm.config import ExperimentConfig
+from fedcollm.encoding import Encoded
 from fedcollm.evaluate import evaluate
-from fedcollm.models import Arrays, get_adapter, set_adapter
+from fedcollm.models import Arrays, LoadedModel, get_adapter, set_adapter
 from fedcollm.robust import AGGREGATORS, Rejection, screen_uploads
 from fedcollm.runtime import (
     ClientReply,
@@ -29,7 +30,7 @@ from fedcollm.runtime import (
     derive_seed,
     pad_id,
 )
-from fedcollm.train import train_sft
+from fedcollm.train import TrainResult, train_sft
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
@@ -231,21 +232,56 @@ def train_client_adapter(
 
     The payload's adapter arrives and the reply's leaves in `federation.transport_dtype`.
     """
-    config = algorithm.config
     set_adapter(client.slm.model, algorithm.from_wire(payload.arrays))
     reporter.phase(f"round {rnd} · client {client.client_id} training", None)
-    result = train_sft(
+    result = client_sft(algorithm.config, client, client.train, rnd, reporter)
+    return ClientReply(
+        client=client.client_id,
+        arrays=algorithm.to_wire(get_adapter(client.slm.model)),
+        num_examples=result.num_examples,
+        metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
+    )
+
+
+def client_sft(
+    config: ExperimentConfig,
+    client: ClientRuntime,
+    examples: Sequence[Encoded],
+    rnd: int,
+    reporter: Reporter,
+) -> TrainResult:
+    """A client's local SFT of its SLM adapter, seeded by round and client so every engine agrees."""
+    return train_sft(
         client.slm.model,
-        client.train,
+        examples,
         pad_id=pad_id(client.slm),
         lr=config.slm.lr,
         cfg=config.train,
         seed=derive_seed(config.seed, rnd, 100 + client.client_id),
         on_step=reporter.step_callback(),
     )
-    return ClientReply(
-        client=client.client_id,
-        arrays=algorithm.to_wire(get_adapter(client.slm.model)),
-        num_examples=result.num_examples,
-        metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
+
+
+def llm_sft(
+    config: ExperimentConfig,
+    llm: LoadedModel,
+    examples: Sequence[Encoded],
+    rnd: int,
+    reporter: Reporter,
+    *,
+    epochs: int | None = None,
+    weights: Sequence[float] | None = None,
+) -> TrainResult:
+    """The server's SFT of its LLM adapter (Centralized, CrossLM), seeded by round."""
+    assert config.llm is not None
+    return train_sft(
+        llm.model,
+        examples,
+        pad_id=pad_id(llm),
+        lr=config.llm.lr,
+        cfg=config.train,
+        seed=derive_seed(config.seed, rnd, 2),
+        epochs=epochs,
+        on_step=reporter.step_callback(),
+        weights=weights,
     )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from fedcollm.algorithms.base import (
     Algorithm,
     evaluate_role,
+    llm_sft,
     mean_over_clients,
     register,
     train_client_adapter,
@@ -24,11 +25,8 @@ from fedcollm.runtime import (
     Payload,
     Reporter,
     ServerRuntime,
-    derive_seed,
     encode_sft,
-    pad_id,
 )
-from fedcollm.train import train_sft
 
 
 @register
@@ -131,13 +129,5 @@ class Centralized(Algorithm):
             server.state["union"] = encode_sft(llm, requests, config.train.max_length)
         union = server.state["union"]
         reporter.phase(f"round {rnd} · centralized training on {len(union)} examples")
-        result = train_sft(
-            llm.model,
-            union,
-            pad_id=pad_id(llm),
-            lr=config.llm.lr,
-            cfg=config.train,
-            seed=derive_seed(config.seed, rnd, 2),
-            on_step=reporter.step_callback(),
-        )
+        result = llm_sft(config, llm, union, rnd, reporter)
         return [Metric(rnd, "llm", None, "train_loss", result.mean_loss)]

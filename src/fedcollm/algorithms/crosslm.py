@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollm.algorithms.base import Algorithm, evaluate_role, register
+from fedcollm.algorithms.base import Algorithm, client_sft, evaluate_role, llm_sft, register
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCQuestion, load_questions, render, sample_indices
 from fedcollm.encoding import Encoded, encode_pair
@@ -65,7 +65,6 @@ from fedcollm.synthetic import (
     unpack_questions,
     write_jsonl,
 )
-from fedcollm.train import train_sft
 
 CANDIDATES = "crosslm.candidates"
 """Payload arrays: this round's candidates, which every client scores."""
@@ -268,15 +267,7 @@ class CrossLM(Algorithm):
             f"round {rnd} · client {client.client_id} training on {len(client.train)} own + "
             f"{len(synthetic)} synthetic examples"
         )
-        result = train_sft(
-            client.slm.model,
-            examples,
-            pad_id=pad_id(client.slm),
-            lr=config.slm.lr,
-            cfg=config.train,
-            seed=derive_seed(config.seed, rnd, 100 + client.client_id),
-            on_step=reporter.step_callback(),
-        )
+        result = client_sft(config, client, examples, rnd, reporter)
         client.state["adapter"] = get_adapter(client.slm.model)
         candidates = unpack_questions(payload.arrays, CANDIDATES)
         reporter.phase(f"round {rnd} · client {client.client_id} scoring {len(candidates)} candidates")
@@ -406,17 +397,7 @@ class CrossLM(Algorithm):
                 )
                 example_weights.append(float(weight) * cfg.generation_loss_weight)
         reporter.phase(f"round {rnd} · {llm.name} training on {len(examples)} weighted examples")
-        result = train_sft(
-            llm.model,
-            examples,
-            pad_id=pad_id(llm),
-            lr=config.llm.lr,
-            cfg=config.train,
-            seed=derive_seed(config.seed, rnd, 2),
-            epochs=cfg.llm_epochs,
-            on_step=reporter.step_callback(),
-            weights=example_weights,
-        )
+        result = llm_sft(config, llm, examples, rnd, reporter, epochs=cfg.llm_epochs, weights=example_weights)
         return Metric(rnd, "llm", None, "train_loss", result.mean_loss)
 
     # ------------------------------------------------------------------ evaluation

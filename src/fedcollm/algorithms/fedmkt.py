@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from fedcollm.aggregate import weighted_mean
-from fedcollm.algorithms.base import Algorithm, register
+from fedcollm.algorithms.base import Algorithm, client_sft, register
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCRequest
@@ -64,7 +64,6 @@ from fedcollm.runtime import (
     encode_sft,
     pad_id,
 )
-from fedcollm.train import train_sft
 
 UP = "knowledge."
 """Prefix of a client's knowledge set in its reply."""
@@ -267,15 +266,7 @@ class FedMKT(Algorithm):
             client.state["adapter"] = get_adapter(client.slm.model)
             return ClientReply(client.client_id, {}, len(client.train), metrics)
         reporter.phase(f"round {rnd} · client {client.client_id} ClientUpdate1 (local SFT)", None)
-        result = train_sft(
-            client.slm.model,
-            client.train,
-            pad_id=pad_id(client.slm),
-            lr=config.slm.lr,
-            cfg=config.train,
-            seed=derive_seed(config.seed, rnd, 100 + client.client_id),
-            on_step=reporter.step_callback(),
-        )
+        result = client_sft(config, client, client.train, rnd, reporter)
         knowledge = self._client_knowledge(client, reporter)
         adapter = get_adapter(client.slm.model)
         client.state["adapter"] = adapter

@@ -15,7 +15,7 @@ shared by the partitions it serves, as in the embedded engine).
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -27,8 +27,9 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from fedcollm.engines.flower import records
 
 if TYPE_CHECKING:
+    from fedcollm.algorithms.base import Algorithm
     from fedcollm.config import ExperimentConfig
-    from fedcollm.runtime import ClientRuntime
+    from fedcollm.runtime import ClientReply, ClientRuntime
 
 app = ClientApp()
 
@@ -129,9 +130,10 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-@app.train("local")
-def train_local(msg: Message, context: Context) -> Message:
-    """One round's local update, by the algorithm's own `client_fit`."""
+def _run_client_hook(
+    hook: Literal["client_fit", "client_evaluate"], msg: Message, context: Context
+) -> tuple[Algorithm, records.TrainRequest, ClientReply]:
+    """Decode a request, run the algorithm's client hook on this node's runtime, keep its state."""
     from fedcollm.algorithms import ALGORITHMS
     from fedcollm.runtime import Payload, Reporter
 
@@ -140,10 +142,17 @@ def train_local(msg: Message, context: Context) -> Message:
     config, client = _runtime(request.experiment, client_id, context)
     algorithm = ALGORITHMS[config.algorithm](config)
     payload = Payload(arrays=request.arrays, config=request.config)
-    reply = algorithm.client_fit(client, payload, request.rnd, Reporter())
+    reply = getattr(algorithm, hook)(client, payload, request.rnd, Reporter())
     _save_state(client, context)
+    return algorithm, request, reply
+
+
+@app.train("local")
+def train_local(msg: Message, context: Context) -> Message:
+    """One round's local update, by the algorithm's own `client_fit`."""
+    algorithm, request, reply = _run_client_hook("client_fit", msg, context)
     result = records.TrainResult(
-        client=client_id, num_examples=reply.num_examples, metrics=dict(reply.metrics)
+        client=reply.client, num_examples=reply.num_examples, metrics=dict(reply.metrics)
     )
     if request.hold:
         # Keep the adapter on this node; it leaves only masked, through SecAgg+, which quantises
@@ -164,18 +173,9 @@ def train_local(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The client scores its own SLM (algorithms whose server never holds client adapters)."""
-    from fedcollm.algorithms import ALGORITHMS
-    from fedcollm.runtime import Payload, Reporter
-
-    client_id, _ = _partition(context)
-    request = records.TrainRequest.from_record(msg.content)
-    config, client = _runtime(request.experiment, client_id, context)
-    algorithm = ALGORITHMS[config.algorithm](config)
-    payload = Payload(arrays=request.arrays, config=request.config)
-    reply = algorithm.client_evaluate(client, payload, request.rnd, Reporter())
-    _save_state(client, context)
+    _, _, reply = _run_client_hook("client_evaluate", msg, context)
     result = records.TrainResult(
-        client=client_id,
+        client=reply.client,
         num_examples=reply.num_examples,
         metrics=dict(reply.metrics),
         arrays=dict(reply.arrays),
