@@ -150,3 +150,25 @@ def test_converted_tokenizer_behaves_like_autotokenizer(alias: str) -> None:
     expected = reference(SAMPLE_TEXTS, padding=True)
     assert padded["input_ids"] == expected["input_ids"]
     assert padded["attention_mask"] == expected["attention_mask"]
+
+
+def test_saved_adapter_config_does_not_depend_on_the_process_hash_seed(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Same adapter, same bytes: peft's target_modules set must not be written in hash order."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from fedcollm.config import LoraConfig; "
+        "from fedcollm.models import load_with_lora, save_adapter; "
+        "lm = load_with_lora(sys.argv[1], LoraConfig(r=4), seed=0); save_adapter(lm.model, Path(sys.argv[2]))"
+    )
+    saved = []
+    for hash_seed in ("1", "3"):  # two seeds whose set order of {"q_proj", "v_proj"} differs
+        folder = tmp_path / f"seed{hash_seed}"
+        env = os.environ | {"PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", script, str(tiny_llama), str(folder)], env=env, check=True)
+        saved.append((folder / "adapter_config.json").read_bytes())
+    assert saved[0] == saved[1]

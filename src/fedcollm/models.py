@@ -313,7 +313,16 @@ def save_adapter(model: PeftModel, folder: Path, arrays: Mapping[str, np.ndarray
     """Save an adapter in peft format (loadable with `PeftModel.from_pretrained`)."""
     if arrays is not None:
         set_adapter(model, arrays)
-    model.save_pretrained(str(folder))
+    # peft keeps target_modules as a set and writes it in set order, which changes with each
+    # process's string-hash seed; a sorted list makes the same adapter the same file every time.
+    config = model.peft_config[model.active_adapter]
+    modules = config.target_modules
+    if isinstance(modules, set):
+        config.target_modules = sorted(modules)
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        config.target_modules = modules
 
 
 def count_parameters(model: torch.nn.Module) -> int:
