@@ -164,6 +164,10 @@ def main() -> None:
         f"{args.llm:<14} {args.slm:<14} {m['naive_s']:>12.2f} {m['ours_s']:>11.2f} "
         f"{m['naive_s'] / m['ours_s']:>5.2f}x {m['bound']:>5.2f}x"
     )
+    print(
+        f"per batch, both models: forward F {m['forward_s']:.2f} s, no-grad forward F0 "
+        f"{m['no_grad_s']:.2f} s, backward B {m['backward_s']:.2f} s"
+    )
 
 
 if __name__ == "__main__":

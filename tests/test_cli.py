@@ -26,3 +26,20 @@ def test_unknown_task_fails_cleanly_listing_the_tasks() -> None:
     )
     assert result.exit_code == 2
     assert "arc_easy" in result.output and "Traceback" not in result.output
+
+
+def test_eval_prints_accuracy_json_in_the_chosen_dtype(tiny_llama: Path) -> None:
+    import json
+
+    for dtype in ("float32", "bfloat16"):
+        result = CliRunner().invoke(
+            app,
+            ["eval", "--model", str(tiny_llama), "--task", "arc_easy", "--limit", "4", "--dtype", dtype],
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout[result.stdout.index("{") :])
+        assert report["dtype"] == dtype and report["n"] == 4 and 0 <= report["acc"] <= 1
+    bad = CliRunner().invoke(
+        app, ["eval", "--model", str(tiny_llama), "--task", "arc_easy", "--dtype", "fp8"]
+    )
+    assert bad.exit_code != 0 and "--dtype" in bad.output and "Traceback" not in bad.output

@@ -85,3 +85,26 @@ def test_configuration_reference_matches_the_code() -> None:
     documented = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     hint = "regenerate: python -m fedcollm.config_doc > docs/configuration.md"
     assert documented == reference_markdown(), hint
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({"avx512_bf16": True, "amx_bf16": False}, "bfloat16"),
+        ({"avx512_bf16": False, "amx_bf16": True}, "bfloat16"),
+        ({"avx512_bf16": False, "amx_bf16": False}, "float32"),
+        ({}, "float32"),  # a CPU torch reports nothing about (e.g. ARM)
+    ],
+)
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(
+    capabilities: dict[str, bool], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from fedcollm.runtime import dtype_text, torch_dtype
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert ExperimentConfig().dtype == "auto"
+    assert torch_dtype("auto") == getattr(torch, expected)
+    assert dtype_text("auto") == f"{expected} (auto)"
+    assert torch_dtype("float32") == torch.float32 and dtype_text("bfloat16") == "bfloat16"

@@ -261,6 +261,13 @@ def eval_(
     format_: Annotated[str, typer.Option("--format", help='"lm_eval" or "answer_text".')] = "lm_eval",
     seed: int = 0,
     batch_size: int = 16,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help='Base model dtype: "float32" (scores as lm-evaluation-harness computes them), '
+            '"bfloat16" or "auto" (bfloat16 on CPUs with native bf16: about twice as fast).'
+        ),
+    ] = "float32",
     harness: Annotated[
         str,
         typer.Option(
@@ -276,11 +283,14 @@ def eval_(
         return
     if harness != "fedcollm":
         raise _fail(f"unknown harness {harness!r}; use 'fedcollm' or 'lm-eval'")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise _fail(f"unknown --dtype {dtype!r}; use 'float32', 'bfloat16' or 'auto'")
     from peft import PeftModel
 
     from fedcollm.data import DataError, load_questions, render, sample_indices
     from fedcollm.evaluate import evaluate
     from fedcollm.models import ModelError, load_base_model, load_tokenizer, needs_bos
+    from fedcollm.runtime import torch_dtype
 
     _quiet_libraries()
     try:
@@ -288,7 +298,7 @@ def eval_(
         questions = [pool[i] for i in sample_indices(len(pool), limit, seed)]
         requests = [render(task, q, format_) for q in questions]
         tokenizer = load_tokenizer(model)
-        lm = load_base_model(model)
+        lm = load_base_model(model, torch_dtype(dtype))
     except (DataError, ModelError) as exc:
         raise _fail(str(exc)) from None
     if adapter is not None:
@@ -302,6 +312,7 @@ def eval_(
         "task": task,
         "split": split,
         "format": format_,
+        "dtype": str(lm.dtype).removeprefix("torch."),
         **result.summary(),
     }
     typer.echo(json.dumps(report, indent=2))

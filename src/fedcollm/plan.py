@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from fedcollm.config import ExperimentConfig, LoraConfig
 from fedcollm.data import load_questions
 from fedcollm.models import ALIASES, LORA_TARGETS, ModelError, resolve_model
+from fedcollm.runtime import dtype_text
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def plan(
             f"{config.task.aux_fraction:.0%} of the training questions to the server)",
         ),
         PlanLine("evaluation", f"{config.eval.split}, {config.eval.limit or 'all'} questions"),
+        PlanLine("dtype", f"base models in {dtype_text(config.dtype)}, adapters in float32"),
     ]
     roles = [("slm", config.slm)] + ([("llm", config.llm)] if config.llm is not None else [])
     for role, model in roles:

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedcollm.config import ExperimentConfig
 from fedcollm.models import Arrays, count_base_parameters, save_adapter
-from fedcollm.runtime import ClientReply, Metric, Payload, ServerRuntime
+from fedcollm.runtime import ClientReply, Metric, Payload, ServerRuntime, dtype_text
 
 if TYPE_CHECKING:
     from fedcollm.algorithms import Algorithm
@@ -174,7 +174,8 @@ def results_markdown(config: ExperimentConfig, metrics: Sequence[Metric], comm: 
         f"# {config.name}: {config.algorithm} on {config.task.name}",
         "",
         f"{config.federation.num_clients} clients, {config.federation.rounds} rounds, "
-        f"evaluation on {config.eval.split} (n = {_n(metrics)}), seed {config.seed}.",
+        f"evaluation on {config.eval.split} (n = {_n(metrics)}), seed {config.seed}, "
+        f"base models in {dtype_text(config.dtype)}.",
         "",
         "| model | name | acc before | acc after | acc_norm before | acc_norm after |",
         "|---|---|---|---|---|---|",
