@@ -83,9 +83,7 @@ def _sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
     pieces += ["▁the", "▁cat", "▁", "▁▁", "the", "a", "b", "c", "\n\n", "<start_of_turn>"]
     tok = Tokenizer(BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     fast.add_special_tokens(
         {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
@@ -192,9 +190,7 @@ def test_rapidfuzz_levenshtein_matches_textbook(a: str, b: str) -> None:
     assert Levenshtein.distance(a, b) == _lev(a, b)
 
 
-def _exactness_sample(
-    src: list[str], dst: list[str], n: int, seed: int
-) -> tuple[np.ndarray, list[str]]:
+def _exactness_sample(src: list[str], dst: list[str], n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """Sample of source ids: half without an exact twin (the hard part), half uniform."""
     rng = np.random.default_rng(seed)
     dst_set = set(dst)
@@ -255,9 +251,7 @@ def test_full_map_smollm2_gemma3_exact(smollm2: Any, gemma3: Any, tmp_path: Path
 # --------------------------------------------------------------------------- cache
 
 
-def test_cache_hit_identical_and_keyed_by_content(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cache_hit_identical_and_keyed_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bl, sp = _byte_level_tokenizer(), _sentencepiece_tokenizer()
     first = build_vocab_map(bl, sp, cache_dir=tmp_path)
     files = sorted(tmp_path.glob("*.npy"))
@@ -360,9 +354,7 @@ _ROBUST_TEXTS = [
 @pytest.mark.parametrize("text", _ROBUST_TEXTS)
 def test_align_topk_robust(neox: Any, dolma2: Any, text: str) -> None:
     rng = np.random.default_rng(len(text))
-    vm = VocabMap(
-        rng.integers(0, len(dolma2), size=len(neox)), rng.integers(0, len(neox), len(dolma2))
-    )
+    vm = VocabMap(rng.integers(0, len(dolma2), size=len(neox)), rng.integers(0, len(neox), len(dolma2)))
     n_src = len(neox(text, add_special_tokens=False)["input_ids"])
     topk_ids = rng.integers(0, len(neox) + 100, size=(n_src, 8))  # includes padding-row ids
     topk_vals = rng.normal(size=(n_src, 8)).astype(np.float32)

@@ -320,9 +320,7 @@ def test_jsonl_gz_path_given_as_string_is_read(tmp_path: Path) -> None:
         ('["not", "an", "object"]', r"expected a JSON object"),
     ],
 )
-def test_jsonl_bad_line_names_file_line_and_field(
-    tmp_path: Path, bad_line: str, pattern: str
-) -> None:
+def test_jsonl_bad_line_names_file_line_and_field(tmp_path: Path, bad_line: str, pattern: str) -> None:
     good = json.dumps({"question": "ok", "choices": ["a", "b"], "gold": 0})
     path = _write(tmp_path / "broken.jsonl", [good, "", bad_line])
     with pytest.raises(DataError, match=rf"broken\.jsonl:3: {pattern}"):
@@ -474,8 +472,7 @@ def test_dirichlet_with_small_alpha_skews_labels_per_client() -> None:
 
     def mean_majority_share(result: Partition) -> float:
         shares = [
-            Counter(labels[i] for i in client).most_common(1)[0][1] / len(client)
-            for client in result.clients
+            Counter(labels[i] for i in client).most_common(1)[0][1] / len(client) for client in result.clients
         ]
         return sum(shares) / len(shares)
 
