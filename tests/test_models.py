@@ -172,3 +172,16 @@ def test_saved_adapter_config_does_not_depend_on_the_process_hash_seed(
         subprocess.run([sys.executable, "-c", script, str(tiny_llama), str(folder)], env=env, check=True)
         saved.append((folder / "adapter_config.json").read_bytes())
     assert saved[0] == saved[1]
+
+
+def test_gguf_cache_key_follows_the_content_not_the_location(tmp_path: Path) -> None:
+    """Two installs of the same model package share one converted folder; another file does not."""
+    from fedcollm.models import _file_key
+
+    content = np.random.default_rng(0).bytes(5 << 20)
+    first, second, changed = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for path, data in ((first, content), (second, content), (changed, b"X" + content[1:])):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert _file_key(first) == _file_key(second)
+    assert _file_key(first) != _file_key(changed)
