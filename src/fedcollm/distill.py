@@ -19,9 +19,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import DistillConfig, TrainConfig
-from fedcollm.encoding import Encoded, batches, collate
+from fedcollm.encoding import Encoded, collate
 from fedcollm.forward import answer_cross_entropy, target_logits
-from fedcollm.train import epoch_orders, make_optimizer, trainable_parameters
+from fedcollm.train import optimise
 
 KdDirection = Literal["forward", "reverse"]
 
@@ -194,41 +194,29 @@ def mutual_distill(
     """
     if len(llm_examples) != len(slm_examples) or not llm_examples:
         raise ValueError("distillation needs the same non-empty example list for both models")
-    orders = epoch_orders(len(llm_examples), cfg.epochs, seed)
-    total = -(-len(llm_examples) // cfg.batch_size) * cfg.epochs
+
+    def loss_of(index: list[int]) -> tuple[torch.Tensor, ...]:
+        loss_f, loss_g, kd_f, kd_g = distill_losses(
+            llm,
+            slm,
+            [llm_examples[i] for i in index],
+            [slm_examples[i] for i in index],
+            llm_pad_id=llm_pad_id,
+            slm_pad_id=slm_pad_id,
+            cfg=cfg,
+            direction=direction,
+            bridges=bridges,
+        )
+        return loss_f + loss_g, loss_f, loss_g, kd_f, kd_g  # one backward reaches both adapters
+
     step_cfg = train_cfg.model_copy(update={"batch_size": cfg.batch_size})
-    opt_f, sched_f = make_optimizer(llm, llm_lr, step_cfg, total)
-    opt_g, sched_g = make_optimizer(slm, slm_lr, step_cfg, total)
-    torch.manual_seed(seed)
-    llm.train()
-    slm.train()
-    sums = np.zeros(4)
-    steps = 0
-    for order in orders:
-        for index in batches(llm_examples, cfg.batch_size, order):
-            loss_f, loss_g, kd_f, kd_g = distill_losses(
-                llm,
-                slm,
-                [llm_examples[i] for i in index],
-                [slm_examples[i] for i in index],
-                llm_pad_id=llm_pad_id,
-                slm_pad_id=slm_pad_id,
-                cfg=cfg,
-                direction=direction,
-                bridges=bridges,
-            )
-            (loss_f + loss_g).backward()
-            for model, opt, sched in ((llm, opt_f, sched_f), (slm, opt_g, sched_g)):
-                if step_cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable_parameters(model), step_cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            steps += 1
-            sums += [float(x.detach()) for x in (loss_f, loss_g, kd_f, kd_g)]
-            if on_step is not None:
-                on_step(steps, total, float((loss_f + loss_g).detach()))
-    llm.eval()
-    slm.eval()
-    means = sums / max(1, steps)
-    return DistillResult(steps, *(float(x) for x in means))
+    steps, means = optimise(
+        [(llm, llm_lr), (slm, slm_lr)],
+        len(llm_examples),
+        loss_of,
+        cfg=step_cfg,
+        epochs=cfg.epochs,
+        seed=seed,
+        on_step=on_step,
+    )
+    return DistillResult(steps, *(float(x) for x in means[1:]))

@@ -7,7 +7,7 @@ lm-evaluation-harness exactly, so that a model scores here what it scores there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +101,7 @@ def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
     return Batch(ids, attention, predict, shifted[predict], rows[predict])
 
 
-def batches(items: Sequence[Encoded], batch_size: int, order: Sequence[int] | None = None):
+def batches(items: Sized, batch_size: int, order: Sequence[int] | None = None) -> Iterator[list[int]]:
     """Yield index lists of consecutive batches over `items` in the given order."""
     index = list(range(len(items))) if order is None else list(order)
     for start in range(0, len(index), batch_size):

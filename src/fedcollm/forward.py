@@ -27,9 +27,7 @@ def target_logits(model: PeftModel | PreTrainedModel, batch: Batch) -> torch.Ten
     the few logit rows that carry a loss or a score are upcast to float32 before any softmax, so
     losses, KL terms and log-likelihoods are always computed in float32.
     """
-    lm = _causal_lm(model)
-    decoder = lm.get_decoder()
-    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    out = decoder_of(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return head_logits(model, out.last_hidden_state[batch.predict_mask])
 
 

@@ -348,7 +348,7 @@ def train_with_knowledge(
         return ce_weight * ce + (1.0 - ce_weight) * kd, ce, kd
 
     steps, means = optimise(
-        model, len(examples), loss_of, lr=lr, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step
+        [(model, lr)], len(examples), loss_of, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step
     )
     return KnowledgeTrainResult(
         steps,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from fedcollm.config import TrainConfig
-from fedcollm.encoding import Batch, Encoded, collate
+from fedcollm.encoding import Batch, Encoded, batches, collate
 from fedcollm.forward import answer_cross_entropy, target_logits
 
 StepCallback = Callable[[int, int, float], None]
@@ -117,17 +117,16 @@ def train_sft(
 
     epochs = cfg.epochs if epochs is None else epochs
     steps, means = optimise(
-        model, len(examples), loss_of, lr=lr, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step
+        [(model, lr)], len(examples), loss_of, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step
     )
     return TrainResult(steps=steps, mean_loss=float(means[0]), num_examples=len(examples))
 
 
 def optimise(
-    model: PeftModel,
+    models: Sequence[tuple[PeftModel, float]],
     num_examples: int,
     loss_of: Callable[[list[int]], Sequence[torch.Tensor]],
     *,
-    lr: float,
     cfg: TrainConfig,
     epochs: int,
     seed: int,
@@ -135,29 +134,31 @@ def optimise(
 ) -> tuple[int, np.ndarray]:
     """The adapter-training loop every trainer shares; returns the step count and each term's mean.
 
-    Seeded epoch orders, batches of `cfg.batch_size`, AdamW with warmup and linear decay, gradient
-    clipping. `loss_of(index)` gives the batch's loss to minimise first, then any terms to report.
+    SFT, FedMKT's knowledge training and FedCoLLM's mutual distillation all run it: seeded epoch
+    orders, batches of `cfg.batch_size`, one backward per batch of the loss `loss_of(index)`
+    gives first (any further terms are only reported), then for each (model, learning rate) in
+    `models` its own gradient clipping, AdamW step and warmup/linear-decay schedule.
     """
     orders = epoch_orders(num_examples, epochs, seed)
     total = -(-num_examples // cfg.batch_size) * epochs
-    optimizer, scheduler = make_optimizer(model, lr, cfg, total)
+    stepped = [(model, *make_optimizer(model, lr, cfg, total)) for model, lr in models]
     torch.manual_seed(seed)
-    model.train()
-    sums: np.ndarray | None = None
-    steps = 0
+    for model, _ in models:
+        model.train()
+    history: list[list[float]] = []
     for order in orders:
-        for start in range(0, num_examples, cfg.batch_size):
-            terms = loss_of(list(order[start : start + cfg.batch_size]))
+        for index in batches(range(num_examples), cfg.batch_size, order):
+            terms = loss_of(index)
             terms[0].backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            values = np.array([float(t.detach()) for t in terms])
-            sums = values if sums is None else sums + values
-            steps += 1
+            for model, optimizer, scheduler in stepped:
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            history.append([float(t.detach()) for t in terms])
             if on_step is not None:
-                on_step(steps, total, float(values[0]))
-    model.eval()
-    return steps, (sums if sums is not None else np.zeros(1)) / max(1, steps)
+                on_step(len(history), total, history[-1][0])
+    for model, _ in models:
+        model.eval()
+    return len(history), np.mean(history, axis=0) if history else np.zeros(1)
