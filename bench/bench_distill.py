@@ -1,7 +1,7 @@
 """Server distillation step: one forward per model per batch (ours) vs the naive four.
 
 The naive step runs, for each direction, a no-grad teacher forward and a student forward:
-four forwards per batch. Ours (`fedcollm.distill.distill_losses`, the step `mutual_distill`
+four forwards per batch. Ours (`fedcollm.training.distill.distill_losses`, the step `mutual_distill`
 runs) runs each model once; its logits are its student output and, detached, the other model's
 teacher. Both give the same losses. The two are timed interleaved on the very same batches
 (the first batch is a warm-up), and so are the phases behind the bound below.
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from benchlib import Row, quiet
-from fedcollm.distill import distill_losses, kd_loss
-from fedcollm.forward import answer_cross_entropy, target_logits
+from fedcollm.lm.logits import answer_cross_entropy, target_logits
+from fedcollm.training.distill import distill_losses, kd_loss
 
 
 def naive_step(llm, slm, batch_f, batch_g, kd_weight: float, temperature: float) -> None:
@@ -75,8 +75,8 @@ def measure(slm_name: str, llm_name: str, steps: int, batch_size: int) -> dict[s
     """
     from fedcollm.config import DistillConfig, LoraConfig
     from fedcollm.data import load_questions, render
-    from fedcollm.encoding import collate, encode_pair
-    from fedcollm.models import load_with_lora
+    from fedcollm.lm.encoding import collate, encode_pair
+    from fedcollm.lm.models import load_with_lora
 
     llm = load_with_lora(llm_name, LoraConfig(r=16, dropout=0.0), seed=0)
     slm = load_with_lora(slm_name, LoraConfig(r=8, dropout=0.0), seed=1)

@@ -22,8 +22,8 @@ from pathlib import Path
 from fedcollm.config import load_config
 from fedcollm.engines.flower import FlowerOptions
 from fedcollm.engines.flower.deploy import LocalFederation
-from fedcollm.run import run_experiment
-from fedcollm.runtime import Reporter
+from fedcollm.experiment.run import run_experiment
+from fedcollm.parties.runtime import Reporter
 
 DEFAULT_SET = [
     "task.train_limit=100",  # 20 questions for the server, 20 per client

@@ -1,4 +1,4 @@
-"""Evaluation throughput: `fedcollm.evaluate` against a straightforward per-question loop.
+"""Evaluation throughput: `fedcollm.evaluation.multiple_choice` against a straightforward per-question loop.
 
 Ours encodes every (question, choice) sequence once (`encode_requests`; the run caches the
 result across rounds), sorts all sequences of all questions by length into batches, runs the LM
@@ -34,7 +34,7 @@ TASKS = (("arc_easy", 100), ("commonsense_qa", 50))
 @torch.no_grad()
 def per_question_loop(lm: Any, requests: list[Any]) -> tuple[list[int], list[int]]:
     """acc and acc_norm predictions, one unbatched full-logits forward per choice."""
-    from fedcollm.encoding import encode_pair
+    from fedcollm.lm.encoding import encode_pair
 
     model = lm.model
     model.eval()
@@ -58,8 +58,8 @@ def measure(task: str, n: int, batch_size: int = 16) -> dict[str, Any]:
     """Seconds of the loop, of ours cold and cached; whether their predictions agree."""
     from fedcollm.config import LoraConfig
     from fedcollm.data import load_questions, render
-    from fedcollm.evaluate import encode_requests, evaluate
-    from fedcollm.models import load_with_lora
+    from fedcollm.evaluation.multiple_choice import encode_requests, evaluate
+    from fedcollm.lm.models import load_with_lora
 
     lm = load_with_lora("smollm2-135m", LoraConfig(), seed=1)
     requests = [render(task, q) for q in load_questions(task, "validation", limit=n)]

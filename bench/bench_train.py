@@ -4,7 +4,7 @@ Three measurements, side by side in one process:
 
 1. **Matmul peak** of this machine per dtype: the best GFLOP/s of a large square `torch.matmul`
    (2·n³ FLOPs), float32 and bfloat16, with torch's default threads.
-2. **Training step** of `fedcollm.train.train_sft` (the clients' code path: forward to the
+2. **Training step** of `fedcollm.training.sft.train_sft` (the clients' code path: forward to the
    answer logits, cross-entropy, backward, gradient clipping, AdamW) on a batch of B sequences of
    exactly L real tokens, for float32 weights, bfloat16 weights (float32 adapters and optimiser,
    `dtype = "bfloat16"`), and float32 weights under `torch.autocast(bfloat16)`. Per-step times
@@ -105,7 +105,7 @@ def count_step_flops(model: Any, batch: Any) -> FlopCount:
     Runs the forward once with hooks on every `nn.Linear` (base projections, LoRA A/B, LM head)
     recording the shapes and which operands require grad, and adds attention from the config.
     """
-    from fedcollm.forward import target_logits
+    from fedcollm.lm.logits import target_logits
 
     count = FlopCount()
     handles = []
@@ -141,8 +141,8 @@ def count_step_flops(model: Any, batch: Any) -> FlopCount:
 def step_times(lm: Any, examples: list[Any], batch: int, autocast: bool = False) -> list[float]:
     """Seconds of each `train_sft` step after the first (warm-up), from its step callback."""
     from fedcollm.config import TrainConfig
-    from fedcollm.runtime import pad_id
-    from fedcollm.train import train_sft
+    from fedcollm.parties.runtime import pad_id
+    from fedcollm.training.sft import train_sft
 
     stamps: list[float] = []
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
@@ -178,10 +178,10 @@ def accuracy_after_short_run(sizes: Sizes) -> dict[str, Any]:
     """Train the same few SFT steps in fp32 and bf16, evaluate both on the same questions."""
     from fedcollm.config import LoraConfig, TrainConfig
     from fedcollm.data import load_questions, render
-    from fedcollm.evaluate import evaluate
-    from fedcollm.models import load_with_lora
-    from fedcollm.runtime import encode_sft, pad_id
-    from fedcollm.train import train_sft
+    from fedcollm.evaluation.multiple_choice import evaluate
+    from fedcollm.lm.models import load_with_lora
+    from fedcollm.parties.runtime import encode_sft, pad_id
+    from fedcollm.training.sft import train_sft
 
     train = [render("arc_easy", q) for q in load_questions("arc_easy", "train", limit=sizes.acc_train)]
     questions = load_questions("arc_easy", "validation", limit=sizes.acc_eval)
@@ -216,8 +216,8 @@ def run(out: Path, quick: bool = False) -> list[Row]:
     """All three measurements; writes `<out>/train.json` (and profiles when efficiency is missed)."""
     quiet()
     from fedcollm.config import LoraConfig
-    from fedcollm.encoding import collate
-    from fedcollm.models import load_with_lora
+    from fedcollm.lm.encoding import collate
+    from fedcollm.lm.models import load_with_lora
 
     sizes = Sizes.quick() if quick else Sizes()
     out.mkdir(parents=True, exist_ok=True)

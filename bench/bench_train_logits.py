@@ -16,9 +16,9 @@ import torch
 
 from fedcollm.config import LoraConfig
 from fedcollm.data import load_questions, render
-from fedcollm.encoding import Batch, collate, encode_pair
-from fedcollm.forward import answer_cross_entropy, full_logits, target_logits
-from fedcollm.models import load_with_lora
+from fedcollm.lm.encoding import Batch, collate, encode_pair
+from fedcollm.lm.logits import answer_cross_entropy, full_logits, target_logits
+from fedcollm.lm.models import load_with_lora
 
 
 def _step_time(model, batch: Batch, logits_fn: Callable, steps: int) -> float:

@@ -154,7 +154,7 @@ def fixed_length_examples(tokenizer: Any, count: int, length: int, answer_tokens
     keeps a FLOP count from tokens honest.
     """
     from fedcollm.data import load_questions, render
-    from fedcollm.encoding import Encoded
+    from fedcollm.lm.encoding import Encoded
 
     ids: list[int] = []
     needed = count * length

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedcollm.aggregate import weighted_mean
-from fedcollm.runtime import ClientReply
+from fedcollm.federation.aggregate import weighted_mean
+from fedcollm.parties.runtime import ClientReply
 
 
 def _reply(client: int, value: float, n: int) -> ClientReply:

@@ -10,8 +10,8 @@ import pytest
 
 from fedcollm.algorithms import ALGORITHMS
 from fedcollm.config import build_config
-from fedcollm.run import run_experiment
-from fedcollm.runtime import ClientReply, ClientRuntime, ExperimentData, ServerRuntime
+from fedcollm.experiment.run import run_experiment
+from fedcollm.parties.runtime import ClientReply, ClientRuntime, ExperimentData, ServerRuntime
 from tests.test_e2e import tiny_config
 
 
@@ -32,10 +32,10 @@ def spy_fit(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int, tuple[
         return original(algorithm, client, payload, rnd, reporter)
 
     monkeypatch.setattr(base, "train_client_adapter", spy)
-    import fedcollm.algorithms.baselines as baselines
-    import fedcollm.algorithms.fedavg as fedavg
+    import fedcollm.algorithms.baselines.fedavg as fedavg
+    import fedcollm.algorithms.baselines.standalone as standalone
 
-    monkeypatch.setattr(baselines, "train_client_adapter", spy)
+    monkeypatch.setattr(standalone, "train_client_adapter", spy)
     monkeypatch.setattr(fedavg, "train_client_adapter", spy)
     return calls
 
@@ -75,7 +75,7 @@ def test_standalone_clients_never_see_another_shard_nor_an_average(
 def test_standalone_client_continues_from_its_own_adapter(tiny_llama: Path, tiny_llama_big: Path) -> None:
     cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, algorithm="standalone"))
     algorithm = ALGORITHMS["standalone"](cfg)
-    from fedcollm.runtime import Reporter, load_models
+    from fedcollm.parties.runtime import Reporter, load_models
 
     data = ExperimentData.load(cfg)
     slm, _ = load_models(cfg, with_llm=False)
@@ -93,7 +93,7 @@ def test_standalone_client_continues_from_its_own_adapter(tiny_llama: Path, tiny
 def test_fedavg_server_step_is_a_pure_average(tiny_llama: Path, tiny_llama_big: Path) -> None:
     cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, algorithm="fedavg"))
     algorithm = ALGORITHMS["fedavg"](cfg)
-    from fedcollm.runtime import Reporter, load_models
+    from fedcollm.parties.runtime import Reporter, load_models
 
     data = ExperimentData.load(cfg)
     slm, _ = load_models(cfg, with_llm=False)

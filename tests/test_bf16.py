@@ -12,11 +12,11 @@ import torch
 
 from fedcollm.config import LoraConfig, TrainConfig
 from fedcollm.data import MCRequest
-from fedcollm.encoding import collate, encode_pair
-from fedcollm.evaluate import encode_requests, sequence_loglikelihoods
-from fedcollm.forward import answer_cross_entropy, target_logits
-from fedcollm.models import get_adapter, load_with_lora, set_adapter
-from fedcollm.train import train_sft
+from fedcollm.evaluation.multiple_choice import encode_requests, sequence_loglikelihoods
+from fedcollm.lm.encoding import collate, encode_pair
+from fedcollm.lm.logits import answer_cross_entropy, target_logits
+from fedcollm.lm.models import get_adapter, load_with_lora, set_adapter
+from fedcollm.training.sft import train_sft
 
 TEXTS = [
     ("Question: Plants need what to grow?\nAnswer:", " light"),

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import fedcollm.checkpoint as ckpt
-from fedcollm.checkpoint import (
+import fedcollm.experiment.checkpoint as ckpt
+from fedcollm.experiment.checkpoint import (
     Checkpoint,
     CheckpointError,
     latest_checkpoint,

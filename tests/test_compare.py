@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
-import fedcollm.compare as compare_module
-from fedcollm.compare import config_key, run_comparison, variant
+import fedcollm.experiment.compare as compare_module
 from fedcollm.config import LoraConfig, build_config
 from fedcollm.data import DataError
-from fedcollm.plan import adapter_size, plan
+from fedcollm.experiment.compare import config_key, run_comparison, variant
+from fedcollm.experiment.plan import adapter_size, plan
 from tests.test_e2e import tiny_config
 
 

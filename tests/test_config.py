@@ -23,7 +23,7 @@ def test_shipped_configs_validate(path: Path) -> None:
 
 @pytest.mark.parametrize("setting", ["s1", "s2", "s3"])
 def test_paper_settings_plan_offline_with_four_clients_and_the_four_tasks(setting: str) -> None:
-    from fedcollm.plan import plan
+    from fedcollm.experiment.plan import plan
 
     cfg = load_config(ROOT / "configs" / "paper" / f"{setting}.toml")
     assert cfg.federation.num_clients == 4
@@ -101,7 +101,7 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(
 ) -> None:
     import torch
 
-    from fedcollm.runtime import dtype_text, torch_dtype
+    from fedcollm.parties.runtime import dtype_text, torch_dtype
 
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     assert ExperimentConfig().dtype == "auto"

@@ -10,10 +10,10 @@ import torch
 
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import build_config
-from fedcollm.distill import aligned_teacher, same_tokenizer
-from fedcollm.encoding import encode_pair
-from fedcollm.models import load_tokenizer
-from fedcollm.run import run_experiment
+from fedcollm.experiment.run import run_experiment
+from fedcollm.lm.encoding import encode_pair
+from fedcollm.lm.models import load_tokenizer
+from fedcollm.training.distill import aligned_teacher, same_tokenizer
 from tests.test_e2e import tiny_config
 
 

@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import fedcollm.algorithms.crosslm as crosslm_module
-from fedcollm.algorithms.crosslm import CANDIDATES, FEEDBACK, SYNTHETIC, CrossLM, feedback_weights
-from fedcollm.config import LoraConfig, TrainConfig, build_config
-from fedcollm.data import MCQuestion
-from fedcollm.encoding import Encoded, collate
-from fedcollm.forward import answer_cross_entropy
-from fedcollm.models import get_adapter, load_with_lora, set_adapter
-from fedcollm.run import run_experiment
-from fedcollm.runtime import ClientRuntime, ExperimentData, Payload, Reporter
-from fedcollm.synthetic import (
+import fedcollm.algorithms.crosslm.algorithm as crosslm_module
+from fedcollm.algorithms.crosslm.algorithm import CANDIDATES, FEEDBACK, SYNTHETIC, CrossLM, feedback_weights
+from fedcollm.algorithms.crosslm.synthetic import (
     DUPLICATE,
     EVAL_OVERLAP,
     MALFORMED,
@@ -34,7 +27,14 @@ from fedcollm.synthetic import (
     shuffle_choices,
     unpack_questions,
 )
-from fedcollm.train import train_sft, weighted_answer_cross_entropy
+from fedcollm.config import LoraConfig, TrainConfig, build_config
+from fedcollm.data import MCQuestion
+from fedcollm.experiment.run import run_experiment
+from fedcollm.lm.encoding import Encoded, collate
+from fedcollm.lm.logits import answer_cross_entropy
+from fedcollm.lm.models import get_adapter, load_with_lora, set_adapter
+from fedcollm.parties.runtime import ClientRuntime, ExperimentData, Payload, Reporter
+from fedcollm.training.sft import train_sft, weighted_answer_cross_entropy
 from tests.test_e2e import tiny_config
 
 FOUR = {4}

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
-from fedcollm.distill import (
+from fedcollm.lm.encoding import encode_pair
+from fedcollm.lm.models import get_adapter, load_with_lora
+from fedcollm.training.distill import (
     TokenizerMismatchError,
     distill_losses,
     kd_loss,
     kd_loss_sparse,
     mutual_distill,
 )
-from fedcollm.encoding import encode_pair
-from fedcollm.models import get_adapter, load_with_lora
 
 
 def test_kd_loss_is_kl_of_teacher_to_student() -> None:

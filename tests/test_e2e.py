@@ -11,9 +11,9 @@ import pytest
 from peft import PeftModel
 
 from fedcollm.config import build_config
-from fedcollm.models import get_adapter, load_base_model
-from fedcollm.recording import RunFolderError
-from fedcollm.run import run_experiment
+from fedcollm.experiment.recording import RunFolderError
+from fedcollm.experiment.run import run_experiment
+from fedcollm.lm.models import get_adapter, load_base_model
 
 
 def tiny_config(slm: Path, llm: Path, **overrides: object) -> dict:
@@ -117,7 +117,7 @@ def test_fedcollm_broadcasts_the_distilled_adapter_not_the_plain_average(
     tiny_llama: Path, tiny_llama_big: Path
 ) -> None:
     from fedcollm.algorithms import ALGORITHMS
-    from fedcollm.runtime import ClientRuntime, ExperimentData, Reporter, ServerRuntime, load_models
+    from fedcollm.parties.runtime import ClientRuntime, ExperimentData, Reporter, ServerRuntime, load_models
 
     cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 1, "num_clients": 2}))
     algorithm = ALGORITHMS["fedcollm"](cfg)

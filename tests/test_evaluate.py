@@ -10,17 +10,17 @@ import torch
 
 from fedcollm.config import LoraConfig, TrainConfig
 from fedcollm.data import MCRequest
-from fedcollm.encoding import Encoded, collate, encode_pair
-from fedcollm.evaluate import (
+from fedcollm.evaluation.multiple_choice import (
     EncodedRequests,
     encode_requests,
     evaluate,
     score,
     sequence_loglikelihoods,
 )
-from fedcollm.forward import full_logits
-from fedcollm.models import get_adapter, load_with_lora, set_adapter
-from fedcollm.train import train_sft
+from fedcollm.lm.encoding import Encoded, collate, encode_pair
+from fedcollm.lm.logits import full_logits
+from fedcollm.lm.models import get_adapter, load_with_lora, set_adapter
+from fedcollm.training.sft import train_sft
 from tests.tiny import ARCHITECTURES, CORPUS, make_model
 
 HAND_MADE = [

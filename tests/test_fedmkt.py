@@ -12,9 +12,16 @@ from peft import PeftModel
 from fedcollm.algorithms import ALGORITHMS
 from fedcollm.algorithms.fedmkt import UP, FedMKT, FedMKTError
 from fedcollm.config import build_config
-from fedcollm.models import get_adapter, load_base_model
-from fedcollm.run import run_experiment
-from fedcollm.runtime import ClientReply, ClientRuntime, ExperimentData, Reporter, ServerRuntime, load_models
+from fedcollm.experiment.run import run_experiment
+from fedcollm.lm.models import get_adapter, load_base_model
+from fedcollm.parties.runtime import (
+    ClientReply,
+    ClientRuntime,
+    ExperimentData,
+    Reporter,
+    ServerRuntime,
+    load_models,
+)
 from tests.test_e2e import tiny_config
 
 

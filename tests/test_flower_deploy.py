@@ -14,7 +14,7 @@ import pytest
 from fedcollm.config import build_config
 from fedcollm.engines.flower import FlowerOptions
 from fedcollm.engines.flower.deploy import LocalFederation
-from fedcollm.run import run_experiment
+from fedcollm.experiment.run import run_experiment
 from tests.test_e2e import tiny_config
 from tests.test_flower_sim import assert_no_processes_left, metrics, relative_l2, saved_adapter
 

@@ -12,13 +12,13 @@ import pytest
 from flwr.common import bytes_to_ndarray
 
 from fedcollm.algorithms import ALGORITHMS
-from fedcollm.algorithms.fedavg import FedAvg
+from fedcollm.algorithms.baselines.fedavg import FedAvg
 from fedcollm.config import build_config
 from fedcollm.engines.flower import FlowerOptions
 from fedcollm.engines.flower import transport as flower_transport
-from fedcollm.models import get_adapter
-from fedcollm.run import run_experiment
-from fedcollm.runtime import ClientRuntime, ExperimentData, Payload, Reporter, load_models
+from fedcollm.experiment.run import run_experiment
+from fedcollm.lm.models import get_adapter
+from fedcollm.parties.runtime import ClientRuntime, ExperimentData, Payload, Reporter, load_models
 from tests.test_e2e import tiny_config
 
 

@@ -101,7 +101,7 @@ def test_client_state_survives_fresh_clientapp_processes(
     import numpy as np
 
     from fedcollm.engines.flower import client_app
-    from fedcollm.runtime import Payload, load_models
+    from fedcollm.parties.runtime import Payload, load_models
 
     config = build_config(
         tiny_config(
@@ -112,7 +112,7 @@ def test_client_state_survives_fresh_clientapp_processes(
     flower = FlowerTransport(grid, config, FlowerOptions())  # type: ignore[arg-type]
     flower.connect()
     start = load_models(config, with_llm=False)[0]
-    from fedcollm.models import get_adapter
+    from fedcollm.lm.models import get_adapter
 
     first = flower.fit(Payload(get_adapter(start.model), {"round": 1}), 1)
     for reply in first:

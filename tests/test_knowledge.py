@@ -7,10 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcollm.align.bridge import TokenBridge
-from fedcollm.config import LoraConfig, TrainConfig
-from fedcollm.data import MCRequest
-from fedcollm.knowledge import (
+from fedcollm.algorithms.fedmkt.knowledge import (
     KnowledgeError,
     KnowledgeSet,
     align_knowledge,
@@ -21,8 +18,11 @@ from fedcollm.knowledge import (
     train_with_knowledge,
     validate_knowledge,
 )
-from fedcollm.models import get_adapter, load_with_lora
-from fedcollm.runtime import encode_sft, pad_id
+from fedcollm.align.bridge import TokenBridge
+from fedcollm.config import LoraConfig, TrainConfig
+from fedcollm.data import MCRequest
+from fedcollm.lm.models import get_adapter, load_with_lora
+from fedcollm.parties.runtime import encode_sft, pad_id
 
 REQUESTS = [
     MCRequest(

@@ -2,9 +2,10 @@
 
 The same questions (the OLMo package's copy) are written in each task's original Hugging Face
 schema next to a copy of lm-eval's own task YAML whose only change is the data source; lm-eval's
-`simple_evaluate` (HFLM, zero-shot, `log_samples=True`) and `fedcollm.evaluate.evaluate` then
-score the same loaded model. Per question, the prompt and continuations, `acc` and `acc_norm`
-must be equal, and the log-likelihoods equal up to float32 rounding.
+`simple_evaluate` (HFLM, zero-shot, `log_samples=True`) and
+`fedcollm.evaluation.multiple_choice.evaluate` then score the same loaded model. Per question, the
+prompt and continuations, `acc` and `acc_norm` must be equal, and the log-likelihoods equal up to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ pytest.importorskip(
 
 from tokenizers import Tokenizer, processors
 
-from fedcollm import harness
 from fedcollm.data import MCQuestion, load_questions, render
-from fedcollm.evaluate import evaluate
-from fedcollm.models import load_base_model, load_tokenizer, needs_bos, resolve_model
+from fedcollm.evaluation import harness
+from fedcollm.evaluation.multiple_choice import evaluate
+from fedcollm.lm.models import load_base_model, load_tokenizer, needs_bos, resolve_model
 from tests.tiny import make_model
 
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa")

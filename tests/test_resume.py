@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-import fedcollm.run as run_module
-from fedcollm.checkpoint import CHECKPOINT_DIR, CheckpointError
+import fedcollm.experiment.run as run_module
 from fedcollm.config import build_config
 from fedcollm.engines.local import InProcessTransport
-from fedcollm.loop import RoundError
-from fedcollm.recording import RunFolderError
-from fedcollm.run import run_experiment
-from fedcollm.runtime import ClientReply, Payload
+from fedcollm.experiment.checkpoint import CHECKPOINT_DIR, CheckpointError
+from fedcollm.experiment.loop import RoundError
+from fedcollm.experiment.recording import RunFolderError
+from fedcollm.experiment.run import run_experiment
+from fedcollm.parties.runtime import ClientReply, Payload
 from tests.test_e2e import tiny_config
 
 
@@ -260,9 +260,9 @@ def test_a_process_killed_mid_round_and_resumed_ends_bit_for_bit_like_an_uninter
 def test_client_state_cannot_be_resumed_on_an_engine_whose_clients_live_elsewhere(
     tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedcollm.loop import run_rounds
-    from fedcollm.run import prepare_server
-    from fedcollm.runtime import ClientRuntime, Reporter, load_client_models
+    from fedcollm.experiment.loop import run_rounds
+    from fedcollm.experiment.run import prepare_server
+    from fedcollm.parties.runtime import ClientRuntime, Reporter, load_client_models
 
     cfg = build_config(
         tiny_config(

@@ -8,9 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedcollm.aggregate import weighted_mean
-from fedcollm.robust import AGGREGATORS, check_upload, coordinate_median, screen_uploads, trimmed_mean
-from fedcollm.runtime import ClientReply
+from fedcollm.federation.aggregate import weighted_mean
+from fedcollm.federation.robust import (
+    AGGREGATORS,
+    check_upload,
+    coordinate_median,
+    screen_uploads,
+    trimmed_mean,
+)
+from fedcollm.parties.runtime import ClientReply
 
 EXPECTED = {"a.lora_A": np.zeros((2, 3), np.float32), "a.lora_B": np.zeros((3, 2), np.float32)}
 
@@ -114,9 +120,9 @@ def test_a_run_rejects_a_bad_upload_names_the_client_and_goes_on(
 ):
     import json
 
-    import fedcollm.algorithms.fedavg as fedavg
+    import fedcollm.algorithms.baselines.fedavg as fedavg
     from fedcollm.config import build_config
-    from fedcollm.run import run_experiment
+    from fedcollm.experiment.run import run_experiment
     from tests.test_e2e import tiny_config
 
     original = fedavg.train_client_adapter
@@ -136,7 +142,7 @@ def test_a_run_rejects_a_bad_upload_names_the_client_and_goes_on(
     assert "NaN" in rejected[0]["note"]
     assert any(m["round"] == 2 and m["metric"] == "acc" for m in lines)  # the run went on
 
-    from fedcollm.loop import RoundError
+    from fedcollm.experiment.loop import RoundError
 
     strict = build_config(
         tiny_config(tiny_llama, tiny_llama_big, algorithm="fedavg", robustness={"min_clients": 2})

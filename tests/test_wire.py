@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fedcollm import wire
-from fedcollm.algorithms.fedavg import FedAvg
+from fedcollm.algorithms.baselines.fedavg import FedAvg
 from fedcollm.config import build_config
-from fedcollm.run import run_experiment
-from fedcollm.runtime import ClientReply
+from fedcollm.experiment.run import run_experiment
+from fedcollm.federation import wire
+from fedcollm.parties.runtime import ClientReply
 from tests.test_e2e import tiny_config
 
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedcollm.runtime import Reporter
+from fedcollm.parties.runtime import Reporter
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
@@ -71,8 +71,8 @@ def _quiet_libraries() -> None:
 
 def _print_plan(cfg) -> None:
     from fedcollm.data import DataError
-    from fedcollm.models import ModelError
-    from fedcollm.plan import plan
+    from fedcollm.experiment.plan import plan
+    from fedcollm.lm.models import ModelError
 
     try:
         lines = plan(cfg)
@@ -111,14 +111,14 @@ def run(
     ] = False,
 ) -> None:
     """Run an experiment (embedded engine, or Flower simulation) and write its run folder."""
-    from fedcollm.checkpoint import CheckpointError
     from fedcollm.config import ConfigError, load_config
     from fedcollm.data import DataError
-    from fedcollm.distill import TokenizerMismatchError
-    from fedcollm.loop import RoundError
-    from fedcollm.models import ModelError
-    from fedcollm.recording import RunFolderError
-    from fedcollm.run import run_experiment
+    from fedcollm.experiment.checkpoint import CheckpointError
+    from fedcollm.experiment.loop import RoundError
+    from fedcollm.experiment.recording import RunFolderError
+    from fedcollm.experiment.run import run_experiment
+    from fedcollm.lm.models import ModelError
+    from fedcollm.training.distill import TokenizerMismatchError
 
     _quiet_libraries()
     if engine not in ("local", "flower"):
@@ -288,9 +288,9 @@ def eval_(
     from peft import PeftModel
 
     from fedcollm.data import DataError, load_questions, render, sample_indices
-    from fedcollm.evaluate import evaluate
-    from fedcollm.models import ModelError, load_base_model, load_tokenizer, needs_bos
-    from fedcollm.runtime import torch_dtype
+    from fedcollm.evaluation.multiple_choice import evaluate
+    from fedcollm.lm.models import ModelError, load_base_model, load_tokenizer, needs_bos
+    from fedcollm.parties.runtime import torch_dtype
 
     _quiet_libraries()
     try:
@@ -322,8 +322,8 @@ def _eval_with_lm_eval(
     model: str, task: str, adapter: Path | None, limit: int | None, batch_size: int
 ) -> None:
     """`fedcollm eval --harness lm-eval`: lm-eval's own task on the model (+ adapter), as JSON."""
-    from fedcollm.harness import HarnessError, run_lm_eval
-    from fedcollm.models import ModelError
+    from fedcollm.evaluation.harness import HarnessError, run_lm_eval
+    from fedcollm.lm.models import ModelError
 
     _quiet_libraries()
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
@@ -354,10 +354,10 @@ def compare(
 ) -> None:
     """Run every method on every task with the same partition, seeds and evaluation set; write
     the paper's Tables 1-3 (markdown and CSV) and accuracy-per-round plots."""
-    from fedcollm.compare import run_comparison
     from fedcollm.config import ConfigError, load_config
     from fedcollm.data import DataError
-    from fedcollm.models import ModelError
+    from fedcollm.experiment.compare import run_comparison
+    from fedcollm.lm.models import ModelError
 
     _quiet_libraries()
     try:

@@ -1,9 +1,9 @@
-"""Algorithms, one module each; importing this package registers them all."""
+"""Algorithms, one package each (the three co-tuning systems) and the paper's baselines;
+importing this package registers them all."""
 
 from fedcollm.algorithms.base import ALGORITHMS, Algorithm, register
-from fedcollm.algorithms.baselines import Centralized, Standalone, ZeroShot
+from fedcollm.algorithms.baselines import Centralized, FedAvg, Standalone, ZeroShot
 from fedcollm.algorithms.crosslm import CrossLM
-from fedcollm.algorithms.fedavg import FedAvg
 from fedcollm.algorithms.fedcollm import FedCoLLM
 from fedcollm.algorithms.fedmkt import FedMKT
 

@@ -14,13 +14,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedcollm import wire
 from fedcollm.config import ExperimentConfig
-from fedcollm.encoding import Encoded
-from fedcollm.evaluate import evaluate
-from fedcollm.models import Arrays, LoadedModel, get_adapter, set_adapter
-from fedcollm.robust import AGGREGATORS, Rejection, screen_uploads
-from fedcollm.runtime import (
+from fedcollm.evaluation.multiple_choice import evaluate
+from fedcollm.federation import wire
+from fedcollm.federation.robust import AGGREGATORS, Rejection, screen_uploads
+from fedcollm.lm.encoding import Encoded
+from fedcollm.lm.models import Arrays, LoadedModel, get_adapter, set_adapter
+from fedcollm.parties.runtime import (
     ClientReply,
     ClientRuntime,
     Metric,
@@ -30,7 +30,7 @@ from fedcollm.runtime import (
     derive_seed,
     pad_id,
 )
-from fedcollm.train import TrainResult, train_sft
+from fedcollm.training.sft import TrainResult, train_sft
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
@@ -75,7 +75,7 @@ class Algorithm(ABC):
         return Payload(arrays=self.to_wire(server.global_adapter), config={"round": rnd})
 
     def to_wire(self, arrays: Arrays) -> Arrays:
-        """Adapter arrays as they travel: cast to `federation.transport_dtype` (see `fedcollm.wire`)."""
+        """Adapter arrays as they travel: cast to `federation.transport_dtype` (see `wire`)."""
         return wire.encode(arrays, self.config.federation.transport_dtype)
 
     def from_wire(self, arrays: Arrays) -> Arrays:

@@ -16,7 +16,7 @@ import numpy as np
 from fedcollm.align.normalize import TokenNormalizer
 from fedcollm.align.sequence import align_topk_for_ids
 from fedcollm.align.vocab import VocabMap, build_vocab_map
-from fedcollm.encoding import Encoded
+from fedcollm.lm.encoding import Encoded
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedcollm.algorithms import Algorithm
-from fedcollm.runtime import ClientReply, ClientRuntime, Payload, Reporter
+from fedcollm.parties.runtime import ClientReply, ClientRuntime, Payload, Reporter
 
 
 class InProcessTransport:

@@ -7,7 +7,7 @@
 - `transport.FlowerTransport`: the `Transport` the round loop uses; `secagg`: SecAgg+ settings.
 
 Nothing here implements an algorithm: the ClientApp calls the algorithm's `client_fit`, the
-ServerApp runs `fedcollm.loop.run_rounds`, exactly as the embedded engine does.
+ServerApp runs `fedcollm.experiment.loop.run_rounds`, exactly as the embedded engine does.
 """
 
 import os

@@ -29,7 +29,7 @@ from fedcollm.engines.flower import records
 if TYPE_CHECKING:
     from fedcollm.algorithms.base import Algorithm
     from fedcollm.config import ExperimentConfig
-    from fedcollm.runtime import ClientReply, ClientRuntime
+    from fedcollm.parties.runtime import ClientReply, ClientRuntime
 
 app = ClientApp()
 
@@ -66,8 +66,8 @@ def _runtime(experiment: str, client: int, context: Context) -> tuple[Experiment
     import tomllib
 
     from fedcollm.config import build_config
-    from fedcollm.models import load_with_lora
-    from fedcollm.runtime import ClientRuntime, ExperimentData, derive_seed, torch_dtype
+    from fedcollm.lm.models import load_with_lora
+    from fedcollm.parties.runtime import ClientRuntime, ExperimentData, derive_seed, torch_dtype
 
     config = build_config(tomllib.loads(experiment), "<experiment sent by the server>")
     _, num_clients = _partition(context)
@@ -135,7 +135,7 @@ def _run_client_hook(
 ) -> tuple[Algorithm, records.TrainRequest, ClientReply]:
     """Decode a request, run the algorithm's client hook on this node's runtime, keep its state."""
     from fedcollm.algorithms import ALGORITHMS
-    from fedcollm.runtime import Payload, Reporter
+    from fedcollm.parties.runtime import Payload, Reporter
 
     client_id, _ = _partition(context)
     request = records.TrainRequest.from_record(msg.content)

@@ -1,6 +1,6 @@
 """The ServerApp: the server's side of a fedcollm run on Flower.
 
-It runs the same round loop as the embedded engine (`fedcollm.loop.run_rounds`) with a
+It runs the same round loop as the embedded engine (`fedcollm.experiment.loop.run_rounds`) with a
 `FlowerTransport` in place of the in-process one, so evaluation, aggregation, the algorithm's
 server step and the run folder are exactly those of `fedcollm run`.
 
@@ -22,11 +22,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcollm.engines.flower.options import FlowerOptions
-from fedcollm.runtime import Reporter
+from fedcollm.parties.runtime import Reporter
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
-    from fedcollm.recording import RunRecorder
+    from fedcollm.experiment.recording import RunRecorder
 
 
 def serve(
@@ -41,8 +41,8 @@ def serve(
 ) -> RunRecorder:
     """Run `config` with the clients on the other end of `grid`; write the run folder to `out`."""
     from fedcollm.engines.flower.transport import FlowerTransport
-    from fedcollm.loop import run_rounds
-    from fedcollm.run import prepare_server
+    from fedcollm.experiment.loop import run_rounds
+    from fedcollm.experiment.run import prepare_server
 
     reporter = reporter or Reporter()
     algorithm, server, recorder = prepare_server(

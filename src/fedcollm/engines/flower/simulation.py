@@ -20,8 +20,8 @@ from fedcollm.engines.flower.options import FlowerOptions
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
-    from fedcollm.recording import RunRecorder
-    from fedcollm.runtime import Reporter
+    from fedcollm.experiment.recording import RunRecorder
+    from fedcollm.parties.runtime import Reporter
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",

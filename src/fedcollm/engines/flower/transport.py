@@ -1,6 +1,6 @@
 """The server side of the Flower engine: a `Transport` that moves rounds over a Flower `Grid`.
 
-The round loop (`fedcollm.loop.run_rounds`) runs inside the ServerApp and calls this transport
+The round loop (`fedcollm.experiment.loop.run_rounds`) runs inside the ServerApp and calls this transport
 exactly as it calls the embedded one. `fit` returns every client's reply; `fit_aggregate` runs
 the round under SecAgg+ and returns only the weighted mean, which the loop hands to the
 algorithm's server step (for FedCoLLM: the distillation runs on the securely aggregated adapter).
@@ -34,8 +34,8 @@ from fedcollm.engines.flower.secagg import (
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
-    from fedcollm.loop import SecureAggregate
-    from fedcollm.runtime import ClientReply, Payload, Reporter
+    from fedcollm.experiment.loop import SecureAggregate
+    from fedcollm.parties.runtime import ClientReply, Payload, Reporter
 
 
 class PollingGrid:
@@ -87,7 +87,7 @@ class FlowerTransport:
         options: FlowerOptions,
         reporter: Reporter | None = None,
     ) -> None:
-        from fedcollm.runtime import Reporter
+        from fedcollm.parties.runtime import Reporter
 
         self.grid = PollingGrid(grid)
         self.config = config
@@ -247,7 +247,7 @@ class FlowerTransport:
         return results
 
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
-        from fedcollm.runtime import ClientReply
+        from fedcollm.parties.runtime import ClientReply
 
         results = self._exchange(payload, rnd)
         self._require(rnd, len(results), self.options.min_clients, "sent an update")
@@ -258,7 +258,7 @@ class FlowerTransport:
 
     def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]:
         """Clients evaluate their own SLMs (for algorithms whose server holds no client adapter)."""
-        from fedcollm.runtime import ClientReply
+        from fedcollm.parties.runtime import ClientReply
 
         results = self._exchange(payload, rnd, message_type=records.EVALUATE)
         return [
@@ -270,8 +270,8 @@ class FlowerTransport:
     # Secure aggregation
 
     def fit_aggregate(self, payload: Payload, rnd: int) -> SecureAggregate:
-        from fedcollm.loop import SecureAggregate
-        from fedcollm.runtime import ClientReply
+        from fedcollm.experiment.loop import SecureAggregate
+        from fedcollm.parties.runtime import ClientReply
 
         results = self._exchange(payload, rnd, hold=True)
         self._require(rnd, len(results), self.options.min_clients, "trained")

@@ -25,9 +25,9 @@ from fedcollm.data import (
     render,
     sample_indices,
 )
-from fedcollm.encoding import Encoded, encode_pair
-from fedcollm.evaluate import EncodedRequests, encode_requests
-from fedcollm.models import Arrays, LoadedModel, get_adapter, load_with_lora
+from fedcollm.evaluation.multiple_choice import EncodedRequests, encode_requests
+from fedcollm.lm.encoding import Encoded, encode_pair
+from fedcollm.lm.models import Arrays, LoadedModel, get_adapter, load_with_lora
 
 Scalar = int | float | str | bool
 

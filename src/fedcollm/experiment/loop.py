@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedcollm.algorithms import Algorithm
-from fedcollm.checkpoint import (
+from fedcollm.experiment.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
     CheckpointError,
@@ -21,9 +21,9 @@ from fedcollm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fedcollm.models import Arrays
-from fedcollm.recording import RunRecorder
-from fedcollm.runtime import ClientReply, Metric, Payload, Reporter, ServerRuntime
+from fedcollm.experiment.recording import RunRecorder
+from fedcollm.lm.models import Arrays
+from fedcollm.parties.runtime import ClientReply, Metric, Payload, Reporter, ServerRuntime
 
 
 class Transport(Protocol):

@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedcollm.config import ExperimentConfig, LoraConfig
 from fedcollm.data import load_questions
-from fedcollm.models import ALIASES, LORA_TARGETS, ModelError, resolve_model
-from fedcollm.runtime import dtype_text
+from fedcollm.lm.models import ALIASES, LORA_TARGETS, ModelError, resolve_model
+from fedcollm.parties.runtime import dtype_text
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.data import MCRequest
-from fedcollm.encoding import Encoded, encode_pair
-from fedcollm.forward import decoder_of, head_logits
+from fedcollm.lm.encoding import Encoded, encode_pair
+from fedcollm.lm.logits import decoder_of, head_logits
 
 
 @dataclass

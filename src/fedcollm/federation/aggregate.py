@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedcollm.models import Arrays
-from fedcollm.runtime import ClientReply
+from fedcollm.lm.models import Arrays
+from fedcollm.parties.runtime import ClientReply
 
 
 def weighted_mean(replies: Sequence[ClientReply]) -> Arrays:

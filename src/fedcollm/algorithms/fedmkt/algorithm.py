@@ -4,7 +4,7 @@ Clients may each run a different SLM (own tokenizer). Per round t:
 
 1. ClientUpdate1: a client trains its LoRA on its private shard, then computes its knowledge set
    S_k on the public set D_p (per-sample loss, top-K logits at every answer position) and
-   uploads it in compact form (`fedcollm.knowledge`).
+   uploads it in compact form (`fedcollm.algorithms.fedmkt.knowledge`).
 2. The server validates every upload (a bad one is rejected and logged, the round goes on),
    aligns each to the LLM's tokenizer (MinED `TokenBridge`), selects per sample with DualMinCE
    (lowest client loss, kept only if below the LLM's own loss) and trains the LLM adapter with
@@ -32,14 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from fedcollm.aggregate import weighted_mean
 from fedcollm.algorithms.base import Algorithm, client_sft, register
-from fedcollm.align.bridge import TokenBridge
-from fedcollm.config import ExperimentConfig
-from fedcollm.data import MCRequest
-from fedcollm.distill import same_tokenizer
-from fedcollm.encoding import Encoded, encode_pair
-from fedcollm.knowledge import (
+from fedcollm.algorithms.fedmkt.knowledge import (
     KnowledgeError,
     KnowledgeSet,
     align_knowledge,
@@ -50,9 +44,14 @@ from fedcollm.knowledge import (
     train_with_knowledge,
     validate_knowledge,
 )
-from fedcollm.models import Arrays, get_adapter, load_tokenizer, set_adapter
-from fedcollm.robust import Rejection
-from fedcollm.runtime import (
+from fedcollm.align.bridge import TokenBridge
+from fedcollm.config import ExperimentConfig
+from fedcollm.data import MCRequest
+from fedcollm.federation.aggregate import weighted_mean
+from fedcollm.federation.robust import Rejection
+from fedcollm.lm.encoding import Encoded, encode_pair
+from fedcollm.lm.models import Arrays, get_adapter, load_tokenizer, set_adapter
+from fedcollm.parties.runtime import (
     ClientReply,
     ClientRuntime,
     ExperimentData,
@@ -64,6 +63,7 @@ from fedcollm.runtime import (
     encode_sft,
     pad_id,
 )
+from fedcollm.training.distill import same_tokenizer
 
 UP = "knowledge."
 """Prefix of a client's knowledge set in its reply."""

@@ -4,7 +4,7 @@ Two uses. ``run_lm_eval`` runs lm-eval's own task (hub data, so online only) on 
 optional peft adapter: `fedcollm eval --harness lm-eval`. ``write_local_tasks`` turns a list of
 our questions into lm-eval task YAMLs that are lm-eval's own task configs with only the data
 source swapped for a local JSONL file in the task's original Hugging Face schema: the parity
-test and the benchmark run lm-eval and ``fedcollm.evaluate`` on exactly the same questions.
+test and the benchmark run lm-eval and ``fedcollm.evaluation.multiple_choice`` on exactly the same questions.
 
 ``lm_eval`` is imported lazily, inside the functions, so fedcollm works without the extra.
 """
@@ -243,10 +243,10 @@ def run_lm_eval(
 ) -> dict[str, Any]:
     """Run lm-eval's own `task` (by its lm-eval name; data from the hub) on a model + adapter.
 
-    `model` is anything `fedcollm.models.resolve_model` accepts (offline aliases become their
+    `model` is anything `fedcollm.lm.models.resolve_model` accepts (offline aliases become their
     converted folders). Returns lm-eval's results, made JSON-serialisable.
     """
-    from fedcollm.models import resolve_model
+    from fedcollm.lm.models import resolve_model
 
     task_dict = load_tasks([task])  # first: offline, this fails fast, before the model loads
     lm = hf_lm(resolve_model(model), peft=adapter, batch_size=batch_size)

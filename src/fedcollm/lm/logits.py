@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from fedcollm.encoding import Batch
+from fedcollm.lm.encoding import Batch
 
 
 def _causal_lm(model: PeftModel | PreTrainedModel) -> PreTrainedModel:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from fedcollm.config import TrainConfig
-from fedcollm.encoding import Batch, Encoded, batches, collate
-from fedcollm.forward import answer_cross_entropy, target_logits
+from fedcollm.lm.encoding import Batch, Encoded, batches, collate
+from fedcollm.lm.logits import answer_cross_entropy, target_logits
 
 StepCallback = Callable[[int, int, float], None]
 """Called after each optimiser step with (step, total_steps, loss)."""

@@ -19,9 +19,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import DistillConfig, TrainConfig
-from fedcollm.encoding import Encoded, collate
-from fedcollm.forward import answer_cross_entropy, target_logits
-from fedcollm.train import optimise
+from fedcollm.lm.encoding import Encoded, collate
+from fedcollm.lm.logits import answer_cross_entropy, target_logits
+from fedcollm.training.sft import optimise
 
 KdDirection = Literal["forward", "reverse"]
 

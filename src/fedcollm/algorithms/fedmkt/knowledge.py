@@ -23,10 +23,10 @@ from peft import PeftModel
 
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import TrainConfig
-from fedcollm.distill import kd_loss_sparse
-from fedcollm.encoding import Encoded, batches, collate
-from fedcollm.forward import answer_cross_entropy, per_sequence_sum, target_logits
-from fedcollm.train import optimise
+from fedcollm.lm.encoding import Encoded, batches, collate
+from fedcollm.lm.logits import answer_cross_entropy, per_sequence_sum, target_logits
+from fedcollm.training.distill import kd_loss_sparse
+from fedcollm.training.sft import optimise
 
 Arrays = dict[str, np.ndarray]
 KEYS = ("loss", "lengths", "ids", "values")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcollm.aggregate import weighted_mean
-from fedcollm.models import Arrays
-from fedcollm.runtime import ClientReply
+from fedcollm.federation.aggregate import weighted_mean
+from fedcollm.lm.models import Arrays
+from fedcollm.parties.runtime import ClientReply
 
 FLOAT_DTYPES = (np.float32, np.float16)
 

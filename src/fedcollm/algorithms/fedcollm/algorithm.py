@@ -5,11 +5,11 @@ distillation between the LLM and the aggregated SLM on the auxiliary set (Eq. 4-
 from __future__ import annotations
 
 from fedcollm.algorithms.base import register
-from fedcollm.algorithms.fedavg import FedAvg
+from fedcollm.algorithms.baselines.fedavg import FedAvg
 from fedcollm.align.bridge import TokenBridge
-from fedcollm.distill import mutual_distill, same_tokenizer
-from fedcollm.models import Arrays, get_adapter, set_adapter
-from fedcollm.runtime import Metric, Reporter, ServerRuntime, derive_seed, encode_sft, pad_id
+from fedcollm.lm.models import Arrays, get_adapter, set_adapter
+from fedcollm.parties.runtime import Metric, Reporter, ServerRuntime, derive_seed, encode_sft, pad_id
+from fedcollm.training.distill import mutual_distill, same_tokenizer
 
 
 @register

@@ -1,9 +1,4 @@
-"""The FedCoLLM paper's baselines (§4.1): Zero-Shot, Standalone and Centralized.
-
-FedAvg, the fourth, is `fedcollm.algorithms.fedavg.FedAvg`. All reuse the same local training
-(`train_client_adapter`, `train_sft`) and evaluation as FedCoLLM, so a comparison differs only in
-what each method is allowed to see.
-"""
+"""Standalone (FedCoLLM paper §4.1): each client fine-tunes its own adapter alone; nothing is averaged."""
 
 from __future__ import annotations
 
@@ -12,43 +7,19 @@ from collections.abc import Sequence
 from fedcollm.algorithms.base import (
     Algorithm,
     evaluate_role,
-    llm_sft,
     mean_over_clients,
     register,
     train_client_adapter,
 )
-from fedcollm.models import Arrays, get_adapter
-from fedcollm.runtime import (
+from fedcollm.lm.models import Arrays, get_adapter
+from fedcollm.parties.runtime import (
     ClientReply,
     ClientRuntime,
     Metric,
     Payload,
     Reporter,
     ServerRuntime,
-    encode_sft,
 )
-
-
-@register
-class ZeroShot(Algorithm):
-    """No training at all: the models' accuracy as they come."""
-
-    name = "zeroshot"
-    uses_llm = True
-    uses_clients = False
-
-    def num_rounds(self) -> int:
-        return 0
-
-    def client_fit(
-        self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
-    ) -> ClientReply:
-        raise RuntimeError("Zero-Shot has no client step")
-
-    def server_update(
-        self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
-    ) -> list[Metric]:
-        return []
 
 
 @register
@@ -96,38 +67,3 @@ class Standalone(Algorithm):
         for client, adapter in sorted(adapters.items()):
             metrics += evaluate_role(self, server, "slm", rnd, reporter, adapter, client=client)
         return metrics + mean_over_clients(metrics, rnd)
-
-
-@register
-class Centralized(Algorithm):
-    """The LLM fine-tuned on the union of every client's shard and the auxiliary set.
-
-    An upper bound that ignores privacy: one round is `train.epochs` epochs over the union.
-    """
-
-    name = "centralized"
-    uses_llm = True
-    uses_clients = False
-    secure_aggregation = False
-
-    def client_fit(
-        self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
-    ) -> ClientReply:
-        raise RuntimeError("Centralized has no client step")
-
-    def eval_roles(self, server: ServerRuntime) -> list[str]:
-        return [role for role in super().eval_roles(server) if role == "llm"]
-
-    def server_update(
-        self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
-    ) -> list[Metric]:
-        config = self.config
-        assert config.llm is not None
-        llm = server.model("llm")
-        if "union" not in server.state:
-            requests = server.data.requests(config)  # every training question: all shards + aux
-            server.state["union"] = encode_sft(llm, requests, config.train.max_length)
-        union = server.state["union"]
-        reporter.phase(f"round {rnd} · centralized training on {len(union)} examples")
-        result = llm_sft(config, llm, union, rnd, reporter)
-        return [Metric(rnd, "llm", None, "train_loss", result.mean_loss)]

@@ -10,12 +10,12 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcollm.checkpoint import CHECKPOINT_DIR
 from fedcollm.config import ExperimentConfig, build_config
-from fedcollm.plan import plan
-from fedcollm.report import RunRef, write_report
-from fedcollm.run import run_experiment
-from fedcollm.runtime import Reporter
+from fedcollm.experiment.checkpoint import CHECKPOINT_DIR
+from fedcollm.experiment.plan import plan
+from fedcollm.experiment.report import RunRef, write_report
+from fedcollm.experiment.run import run_experiment
+from fedcollm.parties.runtime import Reporter
 
 PAPER_METHODS = ("zeroshot", "standalone", "fedavg", "centralized", "fedcollm")
 

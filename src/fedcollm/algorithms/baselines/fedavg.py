@@ -6,8 +6,8 @@ The paper's FedAvg baseline, and the base class of FedCoLLM, which adds only a s
 from __future__ import annotations
 
 from fedcollm.algorithms.base import Algorithm, register, train_client_adapter
-from fedcollm.models import Arrays
-from fedcollm.runtime import ClientReply, ClientRuntime, Metric, Payload, Reporter, ServerRuntime
+from fedcollm.lm.models import Arrays
+from fedcollm.parties.runtime import ClientReply, ClientRuntime, Metric, Payload, Reporter, ServerRuntime
 
 
 @register

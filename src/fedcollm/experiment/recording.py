@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcollm.config import ExperimentConfig
-from fedcollm.models import Arrays, count_base_parameters, save_adapter
-from fedcollm.runtime import ClientReply, Metric, Payload, ServerRuntime, dtype_text
+from fedcollm.lm.models import Arrays, count_base_parameters, save_adapter
+from fedcollm.parties.runtime import ClientReply, Metric, Payload, ServerRuntime, dtype_text
 
 if TYPE_CHECKING:
     from fedcollm.algorithms import Algorithm

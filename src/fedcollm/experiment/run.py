@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Literal
 from fedcollm.algorithms import ALGORITHMS, Algorithm
 from fedcollm.config import ExperimentConfig
 from fedcollm.engines.local import InProcessTransport
-from fedcollm.loop import run_rounds
-from fedcollm.recording import RunRecorder
-from fedcollm.runtime import (
+from fedcollm.experiment.loop import run_rounds
+from fedcollm.experiment.recording import RunRecorder
+from fedcollm.parties.runtime import (
     ClientRuntime,
     ExperimentData,
     Reporter,

@@ -32,24 +32,7 @@ from typing import Any
 import numpy as np
 
 from fedcollm.algorithms.base import Algorithm, client_sft, evaluate_role, llm_sft, register
-from fedcollm.config import ExperimentConfig
-from fedcollm.data import MCQuestion, load_questions, render, sample_indices
-from fedcollm.encoding import Encoded, encode_pair
-from fedcollm.evaluate import EncodedRequests, encode_requests, evaluate, sequence_loglikelihoods
-from fedcollm.models import Arrays, LoadedModel, get_adapter, set_adapter
-from fedcollm.robust import Rejection, check_upload
-from fedcollm.runtime import (
-    ClientReply,
-    ClientRuntime,
-    Metric,
-    Payload,
-    Reporter,
-    ServerRuntime,
-    derive_seed,
-    encode_sft,
-    pad_id,
-)
-from fedcollm.synthetic import (
+from fedcollm.algorithms.crosslm.synthetic import (
     OK,
     STATUSES,
     GeneratedRecord,
@@ -64,6 +47,28 @@ from fedcollm.synthetic import (
     task_description,
     unpack_questions,
     write_jsonl,
+)
+from fedcollm.config import ExperimentConfig
+from fedcollm.data import MCQuestion, load_questions, render, sample_indices
+from fedcollm.evaluation.multiple_choice import (
+    EncodedRequests,
+    encode_requests,
+    evaluate,
+    sequence_loglikelihoods,
+)
+from fedcollm.federation.robust import Rejection, check_upload
+from fedcollm.lm.encoding import Encoded, encode_pair
+from fedcollm.lm.models import Arrays, LoadedModel, get_adapter, set_adapter
+from fedcollm.parties.runtime import (
+    ClientReply,
+    ClientRuntime,
+    Metric,
+    Payload,
+    Reporter,
+    ServerRuntime,
+    derive_seed,
+    encode_sft,
+    pad_id,
 )
 
 CANDIDATES = "crosslm.candidates"

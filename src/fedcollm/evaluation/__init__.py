@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot multiple choice as lm-evaluation-harness defines it, and glue to lm-eval."""

@@ -1,0 +1,1 @@
+"""Federated building blocks on named arrays: aggregation rules, upload screening, transport precision."""

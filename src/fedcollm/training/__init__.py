@@ -1,0 +1,1 @@
+"""Adapter training: the one optimisation loop, supervised fine-tuning and distillation losses."""
