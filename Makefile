@@ -29,6 +29,7 @@ smoke: install
 
 test: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy                           # src/fedcollm, settings in pyproject.toml
 	$(BIN)/python -m pytest -q            # the default suite (slow tests excluded)
 	$(BIN)/python -m pytest -q -m slow    # the slow end-to-end tests, which CI runs too
 
@@ -38,6 +39,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/run_all.py

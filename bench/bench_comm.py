@@ -62,7 +62,7 @@ def work(quick: bool, transport: str) -> list[str]:
 def short_run(out: Path, transport: str, quick: bool) -> dict[str, Any]:
     """One run; its communication record, final SLM accuracy and per-question predictions."""
     from fedcollm.config import load_config
-    from fedcollm.experiment.run import run_experiment
+    from fedcollm.engines import run_experiment
 
     config = load_config(ROOT / "configs" / "smoke.toml", work(quick, transport))
     folder = out / f"comm-{transport}"

@@ -1,10 +1,11 @@
 """Server distillation step: one forward per model per batch (ours) vs the naive four.
 
 The naive step runs, for each direction, a no-grad teacher forward and a student forward:
-four forwards per batch. Ours (`fedcollm.training.distill.distill_losses`, the step `mutual_distill`
-runs) runs each model once; its logits are its student output and, detached, the other model's
-teacher. Both give the same losses. The two are timed interleaved on the very same batches
-(the first batch is a warm-up), and so are the phases behind the bound below.
+four forwards per batch. Ours (`fedcollm.algorithms.fedcollm.distillation.distill_losses`, the
+step `mutual_distill` runs) runs each model once; its logits are its student output and,
+detached, the other model's teacher. Both give the same losses. The two are timed interleaved on
+the very same batches (the first batch is a warm-up), and so are the phases behind the bound
+below.
 
 Both ways run the same grad-enabled forwards and backwards; the naive one adds a no-grad
 forward of each model. So the ratio is at most (F + F0 + B) / (F + B), with F, F0 and B the
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 
 from benchlib import Row, quiet
+from fedcollm.algorithms.fedcollm.distillation import distill_losses
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
-from fedcollm.training.distill import distill_losses, kd_loss
+from fedcollm.training.kd import kd_loss
 
 
 def naive_step(llm, slm, batch_f, batch_g, kd_weight: float, temperature: float) -> None:

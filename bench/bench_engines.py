@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from fedcollm.config import load_config
+from fedcollm.engines import run_experiment
 from fedcollm.engines.flower import FlowerOptions
 from fedcollm.engines.flower.deploy import LocalFederation
-from fedcollm.experiment.run import run_experiment
-from fedcollm.parties.runtime import Reporter
+from fedcollm.protocol import Reporter
 
 DEFAULT_SET = [
     "task.train_limit=100",  # 20 questions for the server, 20 per client

@@ -35,7 +35,7 @@ def main() -> None:
     from fedcollm.data import load_questions, render
     from fedcollm.evaluation import harness
     from fedcollm.evaluation.multiple_choice import evaluate
-    from fedcollm.lm.models import load_base_model, load_tokenizer, needs_bos
+    from fedcollm.lm.loading import load_base_model, load_tokenizer, needs_bos
 
     torch.manual_seed(0)
     questions = load_questions(args.task, "validation", "olmo", limit=args.n)

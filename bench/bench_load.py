@@ -6,7 +6,7 @@ run) after one untimed load that warms the OS page cache, median of `repeats`:
 
 - `load_with_lora(alias)`: model, tokenizer and a fresh LoRA adapter, as every run does (target:
   under 2 s);
-- the tokenizer alone, ours (`fedcollm.lm.models.load_tokenizer`: the plain fast tokenizer over
+- the tokenizer alone, ours (`fedcollm.lm.loading.load_tokenizer`: the plain fast tokenizer over
   the converted tokenizer.json) against `AutoTokenizer.from_pretrained` on the same folder
   (transformers 5 picks GemmaTokenizer, which rebuilds the BPE in Python).
 
@@ -26,7 +26,8 @@ _PROBE = """
 import json, sys, time
 import transformers
 transformers.utils.logging.disable_progress_bar()
-from fedcollm.lm.models import load_tokenizer, load_with_lora, resolve_model
+from fedcollm.lm.loading import load_tokenizer, resolve_model
+from fedcollm.lm.models import load_with_lora
 from fedcollm.config import LoraConfig
 alias, what = sys.argv[1], sys.argv[2]
 source = resolve_model(alias)  # converts on the very first call; not timed

@@ -62,8 +62,8 @@ def child(engine: str, clients: int, out: Path, quick: bool) -> None:
 
     quiet()
     from fedcollm.config import load_config
+    from fedcollm.engines import run_experiment
     from fedcollm.engines.flower import FlowerOptions
-    from fedcollm.experiment.run import run_experiment
 
     config = load_config(ROOT / "configs" / "smoke.toml", overrides(clients, quick))
     start = time.perf_counter()

@@ -141,7 +141,8 @@ def count_step_flops(model: Any, batch: Any) -> FlopCount:
 def step_times(lm: Any, examples: list[Any], batch: int, autocast: bool = False) -> list[float]:
     """Seconds of each `train_sft` step after the first (warm-up), from its step callback."""
     from fedcollm.config import TrainConfig
-    from fedcollm.parties.runtime import pad_id
+
+    pass
     from fedcollm.training.sft import train_sft
 
     stamps: list[float] = []
@@ -150,7 +151,7 @@ def step_times(lm: Any, examples: list[Any], batch: int, autocast: bool = False)
         train_sft(
             lm.model,
             examples,
-            pad_id=pad_id(lm),
+            pad_id=lm.pad_id,
             lr=1e-4,
             cfg=TrainConfig(batch_size=batch),
             seed=0,
@@ -180,7 +181,8 @@ def accuracy_after_short_run(sizes: Sizes) -> dict[str, Any]:
     from fedcollm.data import load_questions, render
     from fedcollm.evaluation.multiple_choice import evaluate
     from fedcollm.lm.models import load_with_lora
-    from fedcollm.parties.runtime import encode_sft, pad_id
+
+    pass
     from fedcollm.training.sft import train_sft
 
     train = [render("arc_easy", q) for q in load_questions("arc_easy", "train", limit=sizes.acc_train)]
@@ -191,9 +193,9 @@ def accuracy_after_short_run(sizes: Sizes) -> dict[str, Any]:
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         lm = load_with_lora(MODEL, LoraConfig(), seed=1, dtype=dtype)
         start = time.perf_counter()
-        examples = encode_sft(lm, train, 256)
+        examples = lm.encode_sft(train, 256)
         trained = train_sft(
-            lm.model, examples, pad_id=pad_id(lm), lr=3e-4, cfg=TrainConfig(batch_size=8), seed=0
+            lm.model, examples, pad_id=lm.pad_id, lr=3e-4, cfg=TrainConfig(batch_size=8), seed=0
         )
         train_s = time.perf_counter() - start
         start = time.perf_counter()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedcollm.federation.aggregate import weighted_mean
-from fedcollm.parties.runtime import ClientReply
+from fedcollm.protocol import ClientReply
 
 
 def _reply(client: int, value: float, n: int) -> ClientReply:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,30 +9,26 @@ import pytest
 
 from fedcollm.algorithms import ALGORITHMS
 from fedcollm.config import build_config
-from fedcollm.experiment.run import run_experiment
-from fedcollm.parties.runtime import ClientReply, ClientRuntime, ExperimentData, ServerRuntime
-from tests.test_e2e import tiny_config
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from fedcollm.engines import run_experiment
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.data import ExperimentData
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import ClientReply
+from tests.helpers import read_metrics, tiny_config
 
 
 @pytest.fixture
 def spy_fit(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int, tuple[int, ...]]]:
     """Record (algorithm, round, client, ids of the examples it trained on) for every client step."""
-    calls: list[tuple[str, int, int, tuple[int, ...]]] = []
-    import fedcollm.algorithms.base as base
-
-    original = base.train_client_adapter
-
-    def spy(algorithm, client: ClientRuntime, payload, rnd, reporter) -> ClientReply:
-        calls.append((algorithm.name, rnd, client.client_id, tuple(r.id for r in client.requests)))
-        return original(algorithm, client, payload, rnd, reporter)
-
-    monkeypatch.setattr(base, "train_client_adapter", spy)
     import fedcollm.algorithms.baselines.fedavg as fedavg
     import fedcollm.algorithms.baselines.standalone as standalone
+
+    calls: list[tuple[str, int, int, tuple[int, ...]]] = []
+    original = standalone.train_client_adapter
+
+    def spy(config, client: ClientRuntime, payload, rnd, reporter) -> ClientReply:  # type: ignore[no-untyped-def]
+        calls.append((config.algorithm, rnd, client.client_id, tuple(r.id for r in client.requests)))
+        return original(config, client, payload, rnd, reporter)
 
     monkeypatch.setattr(standalone, "train_client_adapter", spy)
     monkeypatch.setattr(fedavg, "train_client_adapter", spy)
@@ -50,7 +45,7 @@ def test_zeroshot_trains_nothing_and_evaluates_both_models(
     run_experiment(
         build_config(tiny_config(tiny_llama, tiny_llama_big, algorithm="zeroshot")), tmp_path / "r"
     )
-    metrics = _metrics(tmp_path / "r")
+    metrics = read_metrics(tmp_path / "r")
     assert {m["round"] for m in metrics} == {0}
     assert {m["role"] for m in metrics} == {"slm", "llm"}
 
@@ -65,7 +60,7 @@ def test_standalone_clients_never_see_another_shard_nor_an_average(
     for _, _, client, ids in spy_fit:
         assert set(ids) == shards[client]
     assert not shards[0] & shards[1]
-    metrics = _metrics(tmp_path / "r")
+    metrics = read_metrics(tmp_path / "r")
     per_client = [m for m in metrics if m["round"] == 2 and m["metric"] == "acc" and m["client"] is not None]
     mean = [m for m in metrics if m["round"] == 2 and m["metric"] == "acc" and m["client"] is None]
     assert len(per_client) == 2 and len(mean) == 1
@@ -75,15 +70,19 @@ def test_standalone_clients_never_see_another_shard_nor_an_average(
 def test_standalone_client_continues_from_its_own_adapter(tiny_llama: Path, tiny_llama_big: Path) -> None:
     cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, algorithm="standalone"))
     algorithm = ALGORITHMS["standalone"](cfg)
-    from fedcollm.parties.runtime import Reporter, load_models
+    from fedcollm.parties.loading import load_models
+    from fedcollm.protocol import Reporter
 
     data = ExperimentData.load(cfg)
     slm, _ = load_models(cfg, with_llm=False)
     server = ServerRuntime.create(cfg, data, slm, None)
     clients = [ClientRuntime.create(cfg, data, k, slm) for k in range(2)]
-    first = [algorithm.client_fit(c, algorithm.configure_fit(server, 1), 1, Reporter()) for c in clients]
-    assert algorithm.configure_fit(server, 2).arrays == {}  # nothing is broadcast after round 1
-    second = algorithm.client_fit(clients[0], algorithm.configure_fit(server, 2), 2, Reporter())
+    first = [
+        algorithm.client_fit(c, algorithm.configure_fit(server, 1, Reporter()), 1, Reporter())
+        for c in clients
+    ]
+    assert algorithm.configure_fit(server, 2, Reporter()).arrays == {}  # nothing is broadcast after round 1
+    second = algorithm.client_fit(clients[0], algorithm.configure_fit(server, 2, Reporter()), 2, Reporter())
     kept = clients[0].state["adapter"]  # the client's own float32 adapter, as it uploaded it
     assert list(kept) == list(second.arrays)
     assert all(np.array_equal(kept[k], second.arrays[k]) for k in kept)
@@ -93,7 +92,8 @@ def test_standalone_client_continues_from_its_own_adapter(tiny_llama: Path, tiny
 def test_fedavg_server_step_is_a_pure_average(tiny_llama: Path, tiny_llama_big: Path) -> None:
     cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, algorithm="fedavg"))
     algorithm = ALGORITHMS["fedavg"](cfg)
-    from fedcollm.parties.runtime import Reporter, load_models
+    from fedcollm.parties.loading import load_models
+    from fedcollm.protocol import Reporter
 
     data = ExperimentData.load(cfg)
     slm, _ = load_models(cfg, with_llm=False)
@@ -115,16 +115,16 @@ def test_fedavg_server_step_is_a_pure_average(tiny_llama: Path, tiny_llama_big: 
 def test_centralized_trains_the_llm_on_every_shard_and_the_aux_set(
     tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, spy_fit: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedcollm.algorithms.base as base
+    import fedcollm.algorithms.steps as steps
 
     trained_on: list[int] = []
-    original = base.train_sft
+    original = steps.train_sft
 
     def spy(model, examples, **kwargs):
         trained_on.append(len(examples))
         return original(model, examples, **kwargs)
 
-    monkeypatch.setattr(base, "train_sft", spy)  # every SFT of an algorithm goes through base
+    monkeypatch.setattr(steps, "train_sft", spy)  # every SFT of an algorithm goes through steps
     cfg = build_config(
         tiny_config(
             tiny_llama, tiny_llama_big, algorithm="centralized", federation={"rounds": 1, "num_clients": 2}
@@ -136,4 +136,4 @@ def test_centralized_trains_the_llm_on_every_shard_and_the_aux_set(
     data = ExperimentData.load(cfg)
     union = set(data.split.aux).union(*map(set, data.split.clients))
     assert union == set(range(len(data.train)))
-    assert {m["role"] for m in _metrics(tmp_path / "r")} == {"llm"}
+    assert {m["role"] for m in read_metrics(tmp_path / "r")} == {"llm"}

@@ -15,7 +15,8 @@ from fedcollm.data import MCRequest
 from fedcollm.evaluation.multiple_choice import encode_requests, sequence_loglikelihoods
 from fedcollm.lm.encoding import collate, encode_pair
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
-from fedcollm.lm.models import get_adapter, load_with_lora, set_adapter
+from fedcollm.lm.lora import get_adapter, set_adapter
+from fedcollm.lm.models import load_with_lora
 from fedcollm.training.sft import train_sft
 
 TEXTS = [

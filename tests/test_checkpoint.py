@@ -20,6 +20,7 @@ from fedcollm.experiment.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from fedcollm.experiment.state import StateError
 
 
 def _state(seed: int) -> dict:
@@ -101,5 +102,5 @@ def test_a_disk_that_fills_up_while_saving_leaves_the_previous_checkpoint_intact
 
 
 def test_unstorable_state_is_named(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="object"):
+    with pytest.raises(StateError, match="bad/x holds a object"):
         save_checkpoint(tmp_path, Checkpoint(1, "k", {"bad": {"x": object()}}, {}, rng_state()))

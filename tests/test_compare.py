@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
-import fedcollm.experiment.compare as compare_module
-from fedcollm.config import LoraConfig, build_config
+from fedcollm.config import ConfigError, LoraConfig, build_config
 from fedcollm.data import DataError
+from fedcollm.engines import run_experiment
 from fedcollm.experiment.compare import config_key, run_comparison, variant
 from fedcollm.experiment.plan import adapter_size, plan
-from tests.test_e2e import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize(
@@ -65,14 +65,17 @@ def test_variants_differ_only_in_task_and_algorithm(tiny_llama: Path, tiny_llama
 
 
 def test_unknown_method_or_task_fails_before_training_listing_what_exists(
-    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path
 ) -> None:
     base = build_config(tiny_config(tiny_llama, tiny_llama_big))
-    monkeypatch.setattr(compare_module, "run_experiment", lambda *a, **k: pytest.fail("trained"))
-    with pytest.raises(ValueError, match=r"unknown method\(s\) fedprox; available: .*fedcollm"):
-        run_comparison(base, tmp_path, ["fedavg", "fedprox"], ["arc_easy"])
+
+    def never(*args: object, **kwargs: object) -> None:
+        pytest.fail("trained")
+
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) fedprox; available: .*fedcollm"):
+        run_comparison(base, tmp_path, never, ["fedavg", "fedprox"], ["arc_easy"])
     with pytest.raises(DataError, match="arc_easy"):
-        run_comparison(base, tmp_path, ["fedavg"], ["no_such_task"])
+        run_comparison(base, tmp_path, never, ["fedavg"], ["no_such_task"])
     no_test_split = build_config({**tiny_config(tiny_llama, tiny_llama_big), "eval": {"split": "test"}})
     with pytest.raises(DataError, match="test"):
         plan(no_test_split, ["fedavg"], ["commonsense_qa"])  # CommonsenseQA has no test split offline
@@ -80,11 +83,11 @@ def test_unknown_method_or_task_fails_before_training_listing_what_exists(
 
 @pytest.mark.slow
 def test_compare_writes_the_paper_tables_and_reuses_finished_runs(
-    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path
 ) -> None:
     base = build_config(tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 1, "num_clients": 2}))
     methods = ["zeroshot", "standalone", "fedavg", "centralized", "fedcollm"]
-    runs = run_comparison(base, tmp_path, methods, ["arc_easy"])
+    runs = run_comparison(base, tmp_path, run_experiment, methods, ["arc_easy"])
     assert [r.method for r in runs] == methods
     report = (tmp_path / "report.md").read_text()
     table1 = report.split("## Table 1")[1].split("## Table 2")[0]
@@ -96,14 +99,12 @@ def test_compare_writes_the_paper_tables_and_reuses_finished_runs(
         assert (tmp_path / name).is_file()
 
     calls: list[str] = []
-    original = compare_module.run_experiment
 
-    def counting(config, *args, **kwargs):
+    def counting(config, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(config.name)
-        return original(config, *args, **kwargs)
+        return run_experiment(config, *args, **kwargs)
 
-    monkeypatch.setattr(compare_module, "run_experiment", counting)
-    run_comparison(base, tmp_path, methods, ["arc_easy"])
+    run_comparison(base, tmp_path, counting, methods, ["arc_easy"])
     assert calls == []  # every run reused
-    run_comparison(base.model_copy(update={"seed": 1}), tmp_path, ["fedavg"], ["arc_easy"])
+    run_comparison(base.model_copy(update={"seed": 1}), tmp_path, counting, ["fedavg"], ["arc_easy"])
     assert calls == [f"{base.name}-arc_easy-fedavg"]  # a changed config is a new run

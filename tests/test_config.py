@@ -101,7 +101,7 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(
 ) -> None:
     import torch
 
-    from fedcollm.parties.runtime import dtype_text, torch_dtype
+    from fedcollm.lm.precision import dtype_text, torch_dtype
 
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     assert ExperimentConfig().dtype == "auto"

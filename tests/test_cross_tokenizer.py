@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcollm.align.bridge import TokenBridge
+from fedcollm.algorithms.fedcollm.distillation import aligned_teacher
+from fedcollm.align.bridge import TokenBridge, needs_bridge
 from fedcollm.config import build_config
-from fedcollm.experiment.run import run_experiment
+from fedcollm.engines import run_experiment
 from fedcollm.lm.encoding import encode_pair
-from fedcollm.lm.models import load_tokenizer
-from fedcollm.training.distill import aligned_teacher, same_tokenizer
-from tests.test_e2e import tiny_config
+from fedcollm.lm.loading import load_tokenizer
+from tests.helpers import tiny_config
 
 
 def test_bridge_between_identical_tokenizers_carries_the_teacher_unchanged(
@@ -34,7 +34,7 @@ def test_bridge_between_different_tokenizers_gives_a_distribution_for_every_stud
     tiny_llama: Path, tiny_other_tokenizer: Path, tmp_path: Path
 ) -> None:
     teacher, student = load_tokenizer(str(tiny_other_tokenizer)), load_tokenizer(str(tiny_llama))
-    assert not same_tokenizer(teacher, student)
+    assert needs_bridge(teacher, student)
     bridge = TokenBridge.build(teacher, student, cache_dir=tmp_path)
     context, answer = "Question: Rocks are classified as\nAnswer:", " igneous, metamorphic 🌋 岩石"
     t_item, s_item = encode_pair(teacher, context, answer), encode_pair(student, context, answer)

@@ -29,20 +29,19 @@ from fedcollm.algorithms.crosslm.synthetic import (
 )
 from fedcollm.config import LoraConfig, TrainConfig, build_config
 from fedcollm.data import MCQuestion
-from fedcollm.experiment.run import run_experiment
+from fedcollm.engines import run_experiment
 from fedcollm.lm.encoding import Encoded, collate
 from fedcollm.lm.logits import answer_cross_entropy
-from fedcollm.lm.models import get_adapter, load_with_lora, set_adapter
-from fedcollm.parties.runtime import ClientRuntime, ExperimentData, Payload, Reporter
+from fedcollm.lm.lora import get_adapter, set_adapter
+from fedcollm.lm.models import load_with_lora
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.data import ExperimentData
+from fedcollm.protocol import Payload, Reporter
 from fedcollm.training.sft import train_sft, weighted_answer_cross_entropy
-from tests.test_e2e import tiny_config
+from tests.helpers import read_metrics, tiny_config
 
 FOUR = {4}
 VALID = " Which gas do plants take in?\nA. oxygen\nB. carbon dioxide\nC. helium\nD. neon\nAnswer: B\n\n"
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------ weighting
@@ -271,7 +270,7 @@ def test_tiny_run_with_a_scripted_generator_trains_both_sides_and_saves_each_rou
     run_experiment(config, out)
 
     assert calls == [6, 6, 6]  # 2 rounds + the closing round
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
 
     def server(metric: str) -> dict[int, float]:
         return {m["round"]: m["value"] for m in metrics if m["role"] == "server" and m["metric"] == metric}
@@ -316,7 +315,7 @@ def test_a_round_of_garbage_generations_is_discarded_without_crashing(
     )
     out = tmp_path / "run"
     run_experiment(config, out)
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
     rate = [m["value"] for m in metrics if m["metric"] == "discard_rate"]
     assert rate == [1.0]
     assert all(m["value"] == m["value"] for m in metrics), "no NaN in metrics.jsonl"
@@ -327,5 +326,4 @@ def test_a_round_of_garbage_generations_is_discarded_without_crashing(
 
 def test_the_heldout_task_must_differ_from_the_training_task(tiny_llama: Path, tiny_llama_big: Path) -> None:
     config = build_config(_crosslm_config(tiny_llama, tiny_llama_big, heldout_task="arc_easy"))
-    with pytest.raises(ValueError, match="heldout_task"):
-        CrossLM(config)
+    assert any("heldout_task" in problem for problem in CrossLM.check_config(config))

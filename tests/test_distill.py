@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from fedcollm.algorithms.fedcollm.distillation import TokenizerMismatchError, distill_losses, mutual_distill
 from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
 from fedcollm.lm.encoding import encode_pair
-from fedcollm.lm.models import get_adapter, load_with_lora
-from fedcollm.training.distill import (
-    TokenizerMismatchError,
-    distill_losses,
-    kd_loss,
-    kd_loss_sparse,
-    mutual_distill,
-)
+from fedcollm.lm.lora import get_adapter
+from fedcollm.lm.models import load_with_lora
+from fedcollm.training.kd import kd_loss, kd_loss_sparse
 
 
 def test_kd_loss_is_kl_of_teacher_to_student() -> None:

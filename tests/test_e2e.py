@@ -11,30 +11,11 @@ import pytest
 from peft import PeftModel
 
 from fedcollm.config import build_config
+from fedcollm.engines import run_experiment
 from fedcollm.experiment.recording import RunFolderError
-from fedcollm.experiment.run import run_experiment
-from fedcollm.lm.models import get_adapter, load_base_model
-
-
-def tiny_config(slm: Path, llm: Path, **overrides: object) -> dict:
-    data: dict = {
-        "name": "tiny",
-        "algorithm": "fedcollm",
-        "seed": 0,
-        "slm": {"name": str(slm), "lr": 1e-3, "lora": {"r": 4}},
-        "llm": {"name": str(llm), "lr": 1e-3, "lora": {"r": 8}},
-        "task": {"name": "arc_easy", "train_limit": 24, "aux_fraction": 0.25},
-        "federation": {"rounds": 2, "num_clients": 2},
-        "train": {"batch_size": 4, "max_length": 128},
-        "distill": {"batch_size": 4},
-        "eval": {"limit": 8, "batch_size": 16},
-    }
-    data.update(overrides)
-    return data
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from fedcollm.lm.loading import load_base_model
+from fedcollm.lm.lora import get_adapter
+from tests.helpers import read_metrics, tiny_config
 
 
 def test_two_round_two_client_fedcollm_run_writes_a_complete_run_folder(
@@ -45,7 +26,7 @@ def test_two_round_two_client_fedcollm_run_writes_a_complete_run_folder(
     run_experiment(cfg, out)
 
     assert tomllib.loads((out / "config.toml").read_text())["federation"]["rounds"] == 2
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
     assert {"round", "role", "client", "metric", "value"} <= set(metrics[0])
     for role in ("slm", "llm"):
         rounds = sorted({m["round"] for m in metrics if m["role"] == role and m["metric"] == "acc"})
@@ -88,7 +69,7 @@ def test_same_seed_gives_the_same_adapters_and_metrics(
     base = load_base_model(str(tiny_llama))
     b = get_adapter(PeftModel.from_pretrained(base, str(tmp_path / "b" / "adapters" / "slm")))
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
 
 
 def test_fedavg_has_no_llm_and_no_server_training(tiny_llama: Path, tmp_path: Path) -> None:
@@ -96,7 +77,7 @@ def test_fedavg_has_no_llm_and_no_server_training(tiny_llama: Path, tmp_path: Pa
         tiny_config(tiny_llama, tiny_llama, algorithm="fedavg", federation={"rounds": 1, "num_clients": 2})
     )
     run_experiment(cfg, tmp_path / "run")
-    metrics = _metrics(tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
     assert not any(m["role"] == "llm" for m in metrics)
     assert not any(m["metric"].startswith("distill") for m in metrics)
 
@@ -117,7 +98,11 @@ def test_fedcollm_broadcasts_the_distilled_adapter_not_the_plain_average(
     tiny_llama: Path, tiny_llama_big: Path
 ) -> None:
     from fedcollm.algorithms import ALGORITHMS
-    from fedcollm.parties.runtime import ClientRuntime, ExperimentData, Reporter, ServerRuntime, load_models
+    from fedcollm.parties.client import ClientRuntime
+    from fedcollm.parties.data import ExperimentData
+    from fedcollm.parties.loading import load_models
+    from fedcollm.parties.server import ServerRuntime
+    from fedcollm.protocol import Reporter
 
     cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 1, "num_clients": 2}))
     algorithm = ALGORITHMS["fedcollm"](cfg)
@@ -125,12 +110,12 @@ def test_fedcollm_broadcasts_the_distilled_adapter_not_the_plain_average(
     slm, llm = load_models(cfg, with_llm=True)
     server = ServerRuntime.create(cfg, data, slm, llm)
     clients = [ClientRuntime.create(cfg, data, k, slm) for k in range(2)]
-    payload = algorithm.configure_fit(server, 1)
+    payload = algorithm.configure_fit(server, 1, Reporter())
     replies = [algorithm.client_fit(c, payload, 1, Reporter()) for c in clients]
     aggregate = algorithm.aggregate_fit(server, replies, 1)
     llm_before = get_adapter(llm.model)
     algorithm.server_update(server, aggregate, 1, Reporter())
-    following = algorithm.configure_fit(server, 2).arrays
+    following = algorithm.configure_fit(server, 2, Reporter()).arrays
     assert following.keys() == server.global_adapter.keys()
     assert all(np.array_equal(following[k], server.global_adapter[k]) for k in following)
     assert any(not np.array_equal(following[k], aggregate[k]) for k in aggregate)  # distillation moved it

@@ -19,7 +19,8 @@ from fedcollm.evaluation.multiple_choice import (
 )
 from fedcollm.lm.encoding import Encoded, collate, encode_pair
 from fedcollm.lm.logits import full_logits
-from fedcollm.lm.models import get_adapter, load_with_lora, set_adapter
+from fedcollm.lm.lora import get_adapter, set_adapter
+from fedcollm.lm.models import load_with_lora
 from fedcollm.training.sft import train_sft
 from tests.tiny import ARCHITECTURES, CORPUS, make_model
 

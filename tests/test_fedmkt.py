@@ -9,30 +9,24 @@ import numpy as np
 import pytest
 from peft import PeftModel
 
-from fedcollm.algorithms import ALGORITHMS
+from fedcollm.algorithms import ALGORITHMS, check_config
 from fedcollm.algorithms.fedmkt import UP, FedMKT, FedMKTError
-from fedcollm.config import build_config
-from fedcollm.experiment.run import run_experiment
-from fedcollm.lm.models import get_adapter, load_base_model
-from fedcollm.parties.runtime import (
-    ClientReply,
-    ClientRuntime,
-    ExperimentData,
-    Reporter,
-    ServerRuntime,
-    load_models,
-)
-from tests.test_e2e import tiny_config
+from fedcollm.config import ConfigError, build_config
+from fedcollm.engines import run_experiment
+from fedcollm.lm.loading import load_base_model
+from fedcollm.lm.lora import get_adapter
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.data import ExperimentData
+from fedcollm.parties.loading import load_models
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import ClientReply, Reporter
+from tests.helpers import read_metrics, tiny_config
 
 
 def fedmkt_config(slm: Path, other: Path, llm: Path, **overrides: object) -> dict:
     """Client 0 runs `slm` (the LLM's tokenizer), client 1 `other` (a different tokenizer)."""
     federation = {"rounds": 2, "num_clients": 2, "client_models": [str(slm), str(other)]}
     return tiny_config(slm, llm, algorithm="fedmkt", federation=federation, **overrides)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 class Messages(Reporter):
@@ -55,7 +49,7 @@ def test_two_rounds_two_clients_with_different_tokenizers(
     cfg = build_config(fedmkt_config(tiny_llama, tiny_other_tokenizer, tiny_llama_big))
     out = tmp_path / "run"
     run_experiment(cfg, out)
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
     keys = [(m["round"], m["role"], m["client"], m["metric"]) for m in metrics]
     assert len(keys) == len(set(keys)), "a metric was recorded twice"
 
@@ -103,7 +97,7 @@ def round_one(tiny_llama: Path, tiny_other_tokenizer: Path, tiny_llama_big: Path
     )
     server = ServerRuntime.create(cfg, data, slm, llm)
     clients = [ClientRuntime.create(cfg, data, 0, slm), ClientRuntime.create(cfg, data, 1, other)]
-    payload = algorithm.configure_fit(server, 1)
+    payload = algorithm.configure_fit(server, 1, Reporter())
     replies = [algorithm.client_fit(c, payload, 1, Reporter()) for c in clients]
     return algorithm, server, replies
 
@@ -139,7 +133,7 @@ def test_a_bad_upload_is_rejected_naming_the_client_and_the_round_goes_on(
     by_client = {m.client: m.value for m in metrics if m.metric == "selected_by_server"}
     assert set(by_client) == {0}
     assert any(m.metric == "train_loss" and m.role == "llm" for m in metrics)
-    assert any(name.startswith("server.") for name in algorithm.configure_fit(server, 2).arrays)
+    assert any(name.startswith("server.") for name in algorithm.configure_fit(server, 2, Reporter()).arrays)
 
 
 def test_the_round_stops_when_every_upload_is_rejected(round_one) -> None:
@@ -163,7 +157,7 @@ def test_a_client_sending_nan_in_a_real_run_is_skipped(
     cfg["federation"]["rounds"] = 1
     cfg["eval"]["every_round"] = False
     run_experiment(build_config(cfg), tmp_path / "run")
-    metrics = _metrics(tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
     assert [(m["round"], m["client"]) for m in metrics if m["metric"] == "rejected"] == [(1, 1)]
     assert any(m["round"] == 2 and m["role"] == "slm" and m["client"] == 1 for m in metrics)
     assert "client 1 (round 1)" in (tmp_path / "run" / "results.md").read_text()
@@ -175,5 +169,6 @@ def test_fedavg_of_adapters_needs_homogeneous_clients(
     cfg = build_config(
         fedmkt_config(tiny_llama, tiny_other_tokenizer, tiny_llama_big, fedmkt={"fedavg_homogeneous": True})
     )
-    with pytest.raises(ValueError, match="same SLM"):
-        ALGORITHMS["fedmkt"](cfg)
+    assert any("same SLM" in problem for problem in FedMKT.check_config(cfg))
+    with pytest.raises(ConfigError, match="same SLM"):
+        check_config(cfg)

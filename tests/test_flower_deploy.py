@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from fedcollm.config import build_config
+from fedcollm.engines import run_experiment
 from fedcollm.engines.flower import FlowerOptions
 from fedcollm.engines.flower.deploy import LocalFederation
-from fedcollm.experiment.run import run_experiment
-from tests.test_e2e import tiny_config
-from tests.test_flower_sim import assert_no_processes_left, metrics, relative_l2, saved_adapter
+from tests.helpers import assert_no_processes_left, read_metrics, relative_l2, saved_adapter, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +52,7 @@ def test_embedded_simulation_and_deployment_give_the_same_adapters(
     for name in ("simulation", "deployment"):
         other = saved_adapter(tmp_path / name)
         assert all(np.array_equal(embedded[k], other[k]) for k in embedded), name
-        assert metrics(tmp_path / name) == metrics(tmp_path / "embedded"), name
+        assert read_metrics(tmp_path / name) == read_metrics(tmp_path / "embedded"), name
     for name in ("simulation-secagg", "deployment-secagg"):
         assert relative_l2(saved_adapter(tmp_path / name), embedded) < 1e-3, name
 
@@ -89,7 +88,7 @@ def test_a_supernode_killed_mid_round_does_not_stop_the_run(
         federation.stop()
     assert federation.leftover_pids() == []
 
-    lines = metrics(out)
+    lines = read_metrics(out)
     dropped = sorted((m["round"], m["client"]) for m in lines if m["metric"] == "dropped_out")
     assert dropped == [(1, 2), (2, 2)]
     trained = sorted((m["round"], m["client"]) for m in lines if m["metric"] == "train_loss")

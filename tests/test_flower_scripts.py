@@ -110,7 +110,7 @@ def test_cli_offers_the_flower_engine_and_deploy() -> None:
 
     runner = CliRunner()
     bad = runner.invoke(app, ["run", "configs/smoke.toml", "--engine", "bogus"])
-    assert bad.exit_code == 2 and "unknown engine" in bad.output
+    assert bad.exit_code == 2 and "unknown --engine 'bogus'" in bad.output
     assert "--engine" in runner.invoke(app, ["run", "--help"]).output
     deploy = runner.invoke(app, ["deploy", "--help"]).output
     for option in ("--secagg", "--tls", "--auth"):

@@ -21,7 +21,7 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedcollm.engines.flower.options import FlowerOptions
-from fedcollm.engines.flower.records import TrainRequest, TrainResult, magnitude_bound
+from fedcollm.engines.flower.records import TrainRequest, TrainResult
 from fedcollm.engines.flower.secagg import (
     ClientStats,
     SecAggSettings,
@@ -29,6 +29,7 @@ from fedcollm.engines.flower.secagg import (
     check_aggregate,
     derive_settings,
     error_bound,
+    magnitude_bound,
 )
 
 
@@ -89,7 +90,7 @@ def stats_for(uploads: list[dict[str, np.ndarray]], counts: list[int]) -> list[C
 
 def secure_mean(uploads, counts, settings) -> dict[str, np.ndarray]:
     names = list(uploads[0])
-    # The ClientApp hands SecAgg+ float64 arrays (see client_app.upload_held).
+    # The ClientApp hands SecAgg+ float64 arrays (see secagg.masked_upload).
     out = flower_secure_mean([[u[n].astype(np.float64) for n in names] for u in uploads], counts, settings)
     return dict(zip(names, out, strict=True))
 
@@ -236,29 +237,19 @@ class LossyGrid:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
-@pytest.fixture
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower stamps new messages with the running task's identity; pretend to be a ServerApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 @pytest.mark.parametrize("stage", [None, "setup", "share_keys", "collect_masked_vectors", "unmask"])
 def test_secagg_survives_a_client_lost_at_any_stage(stage: str | None, server_identity: None) -> None:
-    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.app import Context, RecordDict
 
-    from fedcollm.engines.flower import records
-    from fedcollm.engines.flower.transport import PollingGrid, run_secagg
+    from fedcollm.engines.flower.secagg import hold, run_secagg
+    from fedcollm.engines.flower.transport import PollingGrid
 
     counts = [5, 9, 7, 6, 8]
     uploads = adapters(len(counts), seed=3)
     contexts = {}
     for k, (upload, n) in enumerate(zip(uploads, counts, strict=True)):
         context = Context(run_id=1, node_id=100 + k, node_config={}, state=RecordDict(), run_config={})
-        context.state[records.HELD_ARRAYS] = records.to_array_record(upload)
-        context.state[records.HELD_META] = ConfigRecord({"round": 1, "num_examples": n})
+        hold(context, 1, upload, n)
         contexts[100 + k] = context
     options = FlowerOptions(secagg=True, secagg_threshold=0.6)
     stats = stats_for(uploads, counts)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,49 +11,15 @@ from flwr.common import bytes_to_ndarray
 from fedcollm.algorithms import ALGORITHMS
 from fedcollm.algorithms.baselines.fedavg import FedAvg
 from fedcollm.config import build_config
+from fedcollm.engines import run_experiment
 from fedcollm.engines.flower import FlowerOptions
 from fedcollm.engines.flower import transport as flower_transport
-from fedcollm.experiment.run import run_experiment
-from fedcollm.lm.models import get_adapter
-from fedcollm.parties.runtime import ClientRuntime, ExperimentData, Payload, Reporter, load_models
-from tests.test_e2e import tiny_config
-
-
-def saved_adapter(out: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(out / "adapters" / "slm" / "adapter_model.safetensors")
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def relative_l2(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    diff = sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in b)
-    return math.sqrt(diff / sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in b))
-
-
-def processes_with_env(entry: str) -> list[int]:
-    """Live processes whose environment holds `entry` (e.g. this run's FLWR_HOME)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                if stat[0] != "Z":
-                    found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
-def assert_no_processes_left(flwr_home: Path, timeout: float = 30.0) -> None:
-    entry = f"FLWR_HOME={flwr_home.resolve()}"
-    deadline = time.monotonic() + timeout
-    while (left := processes_with_env(entry)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes of this run still alive: {left}"
+from fedcollm.lm.lora import get_adapter
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.data import ExperimentData
+from fedcollm.parties.loading import load_models
+from fedcollm.protocol import Payload, Reporter
+from tests.helpers import assert_no_processes_left, read_metrics, relative_l2, saved_adapter, tiny_config
 
 
 def test_simulation_gives_the_embedded_engines_adapters_exactly(
@@ -68,7 +31,7 @@ def test_simulation_gives_the_embedded_engines_adapters_exactly(
 
     embedded, flower = saved_adapter(tmp_path / "embedded"), saved_adapter(tmp_path / "flower")
     assert all(np.array_equal(embedded[k], flower[k]) for k in embedded)
-    assert metrics(tmp_path / "embedded") == metrics(tmp_path / "flower")
+    assert read_metrics(tmp_path / "embedded") == read_metrics(tmp_path / "flower")
     assert (tmp_path / "flower" / ".flwr").is_dir()  # Flower's home inside the run folder
     assert_no_processes_left(tmp_path / "flower" / ".flwr")
 
@@ -154,7 +117,7 @@ def test_secagg_hides_every_upload_and_matches_plain_fedavg(
     assert relative_l2(aggregates[0], plain_mean) < 1e-6
     assert relative_l2(saved_adapter(out), plain_mean) < 1e-3
     # 3. The run record names the clients, their example counts, no dropouts.
-    lines = metrics(out)
+    lines = read_metrics(out)
     assert sorted(m["client"] for m in lines if m["metric"] == "train_loss") == [0, 1, 2]
     assert not [m for m in lines if m["metric"] == "dropped_out"]
     assert_no_processes_left(out / ".flwr")

@@ -12,16 +12,7 @@ from fedcollm.config import build_config
 from fedcollm.engines.flower import FlowerEngineError, FlowerOptions
 from fedcollm.engines.flower.client_app import app
 from fedcollm.engines.flower.transport import FlowerTransport
-from tests.test_e2e import tiny_config
-
-
-@pytest.fixture
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower stamps new messages with the running task's identity; pretend to be a ServerApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+from tests.helpers import tiny_config
 
 
 class NodesGrid:
@@ -93,15 +84,30 @@ def test_misconfigured_supernodes_are_refused_with_a_clear_message(
         transport(configs).connect()
 
 
+def _node_state(context: Context) -> dict:
+    """The client state a ClientApp kept in a node's state (decoded)."""
+    import json
+
+    from fedcollm.engines.flower import client_app, records
+    from fedcollm.experiment.state import unflatten_state
+
+    saved = context.state.config_records[client_app.STATE_LAYOUT]
+    arrays = records.from_array_record(context.state.array_records[client_app.STATE_ARRAYS])
+    return unflatten_state(json.loads(str(saved["layout"])), arrays)
+
+
 def test_client_state_survives_fresh_clientapp_processes(
     tiny_llama: Path, server_identity: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Standalone keeps each client's own adapter between rounds; in deployment every message
-    runs in a fresh process, so it must come back from Flower's node state."""
+    runs in a fresh process, so it must come back from Flower's node state — exactly what the
+    algorithm's `client_state` hook returns, nothing guessed."""
     import numpy as np
 
     from fedcollm.engines.flower import client_app
-    from fedcollm.parties.runtime import Payload, load_models
+    from fedcollm.lm.lora import get_adapter
+    from fedcollm.parties.loading import load_models
+    from fedcollm.protocol import Payload
 
     config = build_config(
         tiny_config(
@@ -112,15 +118,13 @@ def test_client_state_survives_fresh_clientapp_processes(
     flower = FlowerTransport(grid, config, FlowerOptions())  # type: ignore[arg-type]
     flower.connect()
     start = load_models(config, with_llm=False)[0]
-    from fedcollm.lm.models import get_adapter
 
     first = flower.fit(Payload(get_adapter(start.model), {"round": 1}), 1)
     for reply in first:
-        held = grid.contexts[200 + reply.client].state.array_records["fedcollm.state.adapter"]
-        assert all(np.array_equal(held[k].numpy(), reply.arrays[k]) for k in reply.arrays)
-    # A fresh ClientApp process: nothing cached in memory.
-    monkeypatch.setattr(client_app, "_RUNTIMES", {})
-    monkeypatch.setattr(client_app, "_SHARED", {})
+        kept = _node_state(grid.contexts[200 + reply.client])
+        assert sorted(kept) == ["adapter"]  # Standalone's client_state_keys, and nothing else
+        assert all(np.array_equal(kept["adapter"][k], reply.arrays[k]) for k in reply.arrays)
+    monkeypatch.setattr(client_app, "_BUILT", {})  # a fresh ClientApp process: nothing in memory
     second = flower.fit(Payload({}, {"round": 2}), 2)
     assert [r.client for r in second] == [0, 1]
     assert all(
@@ -128,3 +132,26 @@ def test_client_state_survives_fresh_clientapp_processes(
         for a, b in zip(first, second, strict=True)
         for k in a.arrays
     )
+
+
+def test_client_state_belongs_to_its_experiment_and_unstorable_state_is_refused(tiny_llama: Path) -> None:
+    import numpy as np
+
+    from fedcollm.algorithms import ALGORITHMS
+    from fedcollm.engines.flower.client_app import restore_client_state, save_client_state
+    from fedcollm.experiment.state import StateError
+
+    config = build_config(tiny_config(tiny_llama, tiny_llama, algorithm="standalone"))
+    algorithm = ALGORITHMS["standalone"](config)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    client = SimpleNamespace(client_id=0, state={"adapter": {"w": np.arange(3.0)}, "cache": object()})
+    save_client_state(algorithm, client, context, key="experiment-a")  # type: ignore[arg-type]
+    fresh = SimpleNamespace(client_id=0, state={})
+    restore_client_state(algorithm, fresh, context, key="experiment-b")  # type: ignore[arg-type]
+    assert fresh.state == {}, "another experiment's state is never restored"
+    restore_client_state(algorithm, fresh, context, key="experiment-a")  # type: ignore[arg-type]
+    assert list(fresh.state) == ["adapter"] and np.array_equal(fresh.state["adapter"]["w"], np.arange(3.0))
+
+    client.state["adapter"] = {"w": object()}  # a value a node state cannot hold
+    with pytest.raises(StateError, match=r"client 0's state/adapter/w holds a object"):
+        save_client_state(algorithm, client, context, key="experiment-a")  # type: ignore[arg-type]

@@ -21,8 +21,10 @@ from fedcollm.algorithms.fedmkt.knowledge import (
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import LoraConfig, TrainConfig
 from fedcollm.data import MCRequest
-from fedcollm.lm.models import get_adapter, load_with_lora
-from fedcollm.parties.runtime import encode_sft, pad_id
+from fedcollm.lm.lora import get_adapter
+from fedcollm.lm.models import load_with_lora
+
+pass
 
 REQUESTS = [
     MCRequest(
@@ -48,14 +50,14 @@ def other(tiny_other_tokenizer: Path):
 
 @pytest.fixture(scope="module")
 def knowledge(slm) -> KnowledgeSet:
-    examples = encode_sft(slm, REQUESTS, 128)
+    examples = slm.encode_sft(REQUESTS, 128)
     return compute_knowledge(
-        slm.model, examples, pad_id=pad_id(slm), top_k=5, batch_size=4, vocab_size=len(slm.tokenizer)
+        slm.model, examples, pad_id=slm.pad_id, top_k=5, batch_size=4, vocab_size=len(slm.tokenizer)
     )
 
 
 def test_knowledge_has_one_row_per_answer_token_and_the_model_loss(slm, knowledge: KnowledgeSet) -> None:
-    examples = encode_sft(slm, REQUESTS, 128)
+    examples = slm.encode_sft(REQUESTS, 128)
     assert len(knowledge) == len(REQUESTS)
     assert knowledge.lengths.tolist() == [e.n_target for e in examples]
     assert knowledge.ids.shape == (sum(e.n_target for e in examples), 5)
@@ -64,7 +66,7 @@ def test_knowledge_has_one_row_per_answer_token_and_the_model_loss(slm, knowledg
     assert np.isfinite(knowledge.loss).all() and (knowledge.loss > 0).all()
     # batch size does not change the result
     again = compute_knowledge(
-        slm.model, examples, pad_id=pad_id(slm), top_k=5, batch_size=1, vocab_size=len(slm.tokenizer)
+        slm.model, examples, pad_id=slm.pad_id, top_k=5, batch_size=1, vocab_size=len(slm.tokenizer)
     )
     np.testing.assert_allclose(again.loss, knowledge.loss, rtol=1e-4)
     np.testing.assert_array_equal(again.ids, knowledge.ids)
@@ -147,8 +149,8 @@ def test_dual_min_ce_picks_the_lowest_loss_only_when_it_beats_the_learner() -> N
 
 
 def test_alignment_to_another_tokenizer_lands_on_its_answer_tokens(slm, other, knowledge) -> None:
-    src = encode_sft(slm, REQUESTS, 128)
-    dst = encode_sft(other, REQUESTS, 128)
+    src = slm.encode_sft(REQUESTS, 128)
+    dst = other.encode_sft(REQUESTS, 128)
     assert [e.input_ids[e.n_context :] for e in src] != [e.input_ids[e.n_context :] for e in dst]
     bridge = TokenBridge.build(slm.tokenizer, other.tokenizer)
     aligned = align_knowledge(knowledge, src, dst, bridge, dst_vocab_size=len(other.tokenizer))
@@ -163,7 +165,7 @@ def test_alignment_to_another_tokenizer_lands_on_its_answer_tokens(slm, other, k
 
 
 def test_training_on_selected_knowledge_moves_the_adapter(slm, knowledge) -> None:
-    examples = encode_sft(slm, REQUESTS, 128)
+    examples = slm.encode_sft(REQUESTS, 128)
     before = get_adapter(slm.model)
     chosen = np.array([0, -1, 0, -1, -1, 0])
     teachers = select_teachers(chosen, [knowledge])
@@ -171,7 +173,7 @@ def test_training_on_selected_knowledge_moves_the_adapter(slm, knowledge) -> Non
         slm.model,
         examples,
         teachers,
-        pad_id=pad_id(slm),
+        pad_id=slm.pad_id,
         lr=1e-2,
         cfg=TrainConfig(batch_size=4),
         epochs=1,

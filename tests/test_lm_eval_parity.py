@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, processors
 from fedcollm.data import MCQuestion, load_questions, render
 from fedcollm.evaluation import harness
 from fedcollm.evaluation.multiple_choice import evaluate
-from fedcollm.lm.models import load_base_model, load_tokenizer, needs_bos, resolve_model
+from fedcollm.lm.loading import load_base_model, load_tokenizer, needs_bos, resolve_model
 from tests.tiny import make_model
 
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa")

@@ -11,18 +11,10 @@ from peft import PeftModel
 
 from fedcollm.config import LoraConfig
 from fedcollm.lm.encoding import collate, encode_pair
+from fedcollm.lm.loading import ModelError, load_base_model, load_tokenizer, resolve_model
 from fedcollm.lm.logits import full_logits, target_logits
-from fedcollm.lm.models import (
-    ModelError,
-    get_adapter,
-    load_base_model,
-    load_tokenizer,
-    load_with_lora,
-    lora_targets,
-    resolve_model,
-    save_adapter,
-    set_adapter,
-)
+from fedcollm.lm.lora import get_adapter, lora_targets, save_adapter, set_adapter
+from fedcollm.lm.models import load_with_lora
 from tests.tiny import ARCHITECTURES, make_model
 
 
@@ -128,7 +120,7 @@ def test_converted_tokenizer_behaves_like_autotokenizer(alias: str) -> None:
     """The fast path for converted GGUF folders must be the tokenizer AutoTokenizer would give."""
     from transformers import AutoTokenizer
 
-    from fedcollm.lm.models import needs_bos
+    from fedcollm.lm.loading import needs_bos
 
     ours = load_tokenizer(alias)
     reference = AutoTokenizer.from_pretrained(resolve_model(alias))
@@ -162,7 +154,7 @@ def test_saved_adapter_config_does_not_depend_on_the_process_hash_seed(
 
     script = (
         "import sys; from pathlib import Path; from fedcollm.config import LoraConfig; "
-        "from fedcollm.lm.models import load_with_lora, save_adapter; "
+        "from fedcollm.lm.lora import save_adapter; from fedcollm.lm.models import load_with_lora; "
         "lm = load_with_lora(sys.argv[1], LoraConfig(r=4), seed=0); save_adapter(lm.model, Path(sys.argv[2]))"
     )
     saved = []
@@ -176,7 +168,7 @@ def test_saved_adapter_config_does_not_depend_on_the_process_hash_seed(
 
 def test_gguf_cache_key_follows_the_content_not_the_location(tmp_path: Path) -> None:
     """Two installs of the same model package share one converted folder; another file does not."""
-    from fedcollm.lm.models import _file_key
+    from fedcollm.lm.loading import _file_key
 
     content = np.random.default_rng(0).bytes(5 << 20)
     first, second, changed = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"

@@ -16,7 +16,7 @@ from fedcollm.federation.robust import (
     screen_uploads,
     trimmed_mean,
 )
-from fedcollm.parties.runtime import ClientReply
+from fedcollm.protocol import ClientReply
 
 EXPECTED = {"a.lora_A": np.zeros((2, 3), np.float32), "a.lora_B": np.zeros((3, 2), np.float32)}
 
@@ -122,8 +122,8 @@ def test_a_run_rejects_a_bad_upload_names_the_client_and_goes_on(
 
     import fedcollm.algorithms.baselines.fedavg as fedavg
     from fedcollm.config import build_config
-    from fedcollm.experiment.run import run_experiment
-    from tests.test_e2e import tiny_config
+    from fedcollm.engines import run_experiment
+    from tests.helpers import tiny_config
 
     original = fedavg.train_client_adapter
 

@@ -11,10 +11,10 @@ import pytest
 
 from fedcollm.algorithms.baselines.fedavg import FedAvg
 from fedcollm.config import build_config
-from fedcollm.experiment.run import run_experiment
+from fedcollm.engines import run_experiment
 from fedcollm.federation import wire
-from fedcollm.parties.runtime import ClientReply
-from tests.test_e2e import tiny_config
+from fedcollm.protocol import ClientReply, Reporter
+from tests.helpers import tiny_config
 
 
 def _adapter(seed: int) -> dict[str, np.ndarray]:
@@ -69,7 +69,7 @@ def test_uploads_are_decoded_before_screening_and_aggregated_in_float32(tiny_lla
     algorithm = FedAvg(config)
     start = _adapter(2)
     server = SimpleNamespace(global_adapter=start)
-    payload = algorithm.configure_fit(server, 1)  # type: ignore[arg-type]
+    payload = algorithm.configure_fit(server, 1, Reporter())  # type: ignore[arg-type]
     assert all(a.nbytes * 2 == start[k].nbytes for k, a in payload.arrays.items())
     uploads = [{k: v + 0.01 * (c + 1) for k, v in start.items()} for c in range(3)]
     replies = [ClientReply(c, algorithm.to_wire(u), num_examples=c + 1) for c, u in enumerate(uploads)]

@@ -2,7 +2,7 @@
 
 Algorithms (FedCoLLM, FedAvg, ...) are written once as hooks in `fedcollm.algorithms`; engines
 in `fedcollm.engines` only move their messages. Start with `fedcollm run` or
-`fedcollm.experiment.run.run_experiment`.
+`fedcollm.engines.run_experiment`.
 """
 
 __version__ = "0.1.0"

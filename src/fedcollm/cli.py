@@ -1,18 +1,26 @@
-"""Command line: `fedcollm run`, `fedcollm deploy` and `fedcollm eval`."""
+"""Command line: `fedcollm run`, `compare`, `deploy` and `eval`.
+
+Every command turns a `FedcollmError` (bad input: a config key, a data file, a model, a client)
+into one `error:` line and exit code 2; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedcollm.parties.runtime import Reporter
+from fedcollm.errors import FedcollmError
+from fedcollm.protocol import Reporter
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
@@ -21,6 +29,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 
 DEFAULT_CONFIG = Path("configs/default.toml")
+EXIT_BAD_INPUT = 2
+
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 class RichReporter(Reporter):
@@ -55,8 +66,21 @@ def _progress() -> Progress:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code=2)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=EXIT_BAD_INPUT)
+
+
+def _reports_bad_input(command: Command) -> Command:
+    """Run a command, printing a `FedcollmError` as one error line instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FedcollmError as exc:
+            raise _fail(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _quiet_libraries() -> None:
@@ -69,21 +93,17 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING)
 
 
-def _print_plan(cfg) -> None:
-    from fedcollm.data import DataError
+def _print_plan(cfg: ExperimentConfig) -> None:
     from fedcollm.experiment.plan import plan
-    from fedcollm.lm.models import ModelError
 
-    try:
-        lines = plan(cfg)
-    except (DataError, ModelError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    lines = plan(cfg)
     console.print(f"[bold]{cfg.name}[/]: {cfg.algorithm} (dry run, nothing trained)")
     for line in lines:
         typer.echo(f"{line.label:>10}: {line.value}")
 
 
 @app.command()
+@_reports_bad_input
 def run(
     config: Annotated[
         Path | None, typer.Argument(help="Experiment TOML (default: configs/default.toml).")
@@ -107,29 +127,24 @@ def run(
         bool, typer.Option(help="With --engine flower: aggregate adapter uploads with SecAgg+.")
     ] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate the config offline and print the plan; train nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the config, data and models offline as the run would, print the plan; train nothing.",
+        ),
     ] = False,
 ) -> None:
     """Run an experiment (embedded engine, or Flower simulation) and write its run folder."""
-    from fedcollm.config import ConfigError, load_config
-    from fedcollm.data import DataError
-    from fedcollm.experiment.checkpoint import CheckpointError
-    from fedcollm.experiment.loop import RoundError
-    from fedcollm.experiment.recording import RunFolderError
-    from fedcollm.experiment.run import run_experiment
-    from fedcollm.lm.models import ModelError
-    from fedcollm.training.distill import TokenizerMismatchError
+    from fedcollm.config import load_config
+    from fedcollm.engines import ENGINES, run_experiment
 
     _quiet_libraries()
-    if engine not in ("local", "flower"):
-        raise _fail(f"unknown engine {engine!r}; use 'local' or 'flower'")
+    if engine not in ENGINES:
+        raise _fail(f"unknown --engine {engine!r}; use one of: {', '.join(ENGINES)}")
     if resume is not None:
         cfg, out = _resumed_experiment(resume, config, set_ or [], out, overwrite)
     else:
-        try:
-            cfg = load_config(config or DEFAULT_CONFIG, set_ or [])
-        except ConfigError as exc:
-            raise _fail(str(exc)) from None
+        cfg = load_config(config or DEFAULT_CONFIG, set_ or [])
         out = out or Path("runs") / cfg.name
     if dry_run:
         _print_plan(cfg)
@@ -140,38 +155,21 @@ def run(
         + (f" · server {cfg.llm.name}" if cfg.llm else "")
         + f" · {cfg.federation.rounds} rounds"
     )
-    try:
-        with _progress() as progress:
-            flower = None
-            if engine == "flower":
-                from fedcollm.engines.flower import FlowerOptions
+    with _progress() as progress:
+        flower = None
+        if engine == "flower":
+            from fedcollm.engines.flower.options import FlowerOptions
 
-                flower = FlowerOptions(secagg=secagg)
-            run_experiment(
-                cfg,
-                out,
-                overwrite=overwrite,
-                resume=resume is not None,
-                reporter=RichReporter(progress),
-                engine=engine,
-                flower=flower,
-            )
-    except (
-        CheckpointError,
-        ConfigError,
-        DataError,
-        ModelError,
-        RoundError,
-        RunFolderError,
-        TokenizerMismatchError,
-    ) as exc:
-        raise _fail(str(exc)) from None
-    except Exception as exc:
-        from fedcollm.engines.flower.options import FlowerEngineError
-
-        if isinstance(exc, FlowerEngineError):
-            raise _fail(str(exc)) from None
-        raise
+            flower = FlowerOptions(secagg=secagg)
+        run_experiment(
+            cfg,
+            out,
+            overwrite=overwrite,
+            resume=resume is not None,
+            reporter=RichReporter(progress),
+            engine="flower" if engine == "flower" else "local",
+            flower=flower,
+        )
     console.print(f"[green]done[/]: {out}")
     console.print((out / "results.md").read_text(encoding="utf-8"))
 
@@ -180,7 +178,7 @@ def _resumed_experiment(
     folder: Path, config: Path | None, overrides: list[str], out: Path | None, overwrite: bool
 ) -> tuple[ExperimentConfig, Path]:
     """The experiment of the run folder `folder`, checked against a CONFIG/--set/--out also given."""
-    from fedcollm.config import ConfigError, load_config
+    from fedcollm.config import load_config
 
     if overwrite:
         raise _fail("--resume continues a run and --overwrite replaces it: pass one of them")
@@ -189,21 +187,19 @@ def _resumed_experiment(
     saved = folder / "config.toml"
     if not saved.is_file():
         raise _fail(f"--resume {folder}: no run there (no config.toml)")
-    try:
-        cfg = load_config(saved)
-        if config is not None or overrides:
-            asked = load_config(config or saved, overrides)
-            if asked.to_toml() != cfg.to_toml():
-                raise _fail(
-                    f"--resume {folder}: the experiment given differs from the one in {saved}; "
-                    "a run continues with its own configuration"
-                )
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    cfg = load_config(saved)
+    if config is not None or overrides:
+        asked = load_config(config or saved, overrides)
+        if asked.to_toml() != cfg.to_toml():
+            raise _fail(
+                f"--resume {folder}: the experiment given differs from the one in {saved}; "
+                "a run continues with its own configuration"
+            )
     return cfg, folder
 
 
 @app.command()
+@_reports_bad_input
 def deploy(
     config: Annotated[Path, typer.Argument(help="Experiment TOML.")],
     set_: Annotated[
@@ -217,40 +213,36 @@ def deploy(
 ) -> None:
     """Run an experiment on Flower's deployment engine: a SuperLink and one SuperNode per client,
     each a separate process on 127.0.0.1 (docs/deployment.md shows the same on real machines)."""
-    from fedcollm.config import ConfigError, load_config
+    from fedcollm.algorithms import check_config
+    from fedcollm.config import load_config
     from fedcollm.engines.flower.deploy import deploy_experiment
-    from fedcollm.engines.flower.options import FlowerEngineError
 
     _quiet_libraries()
-    try:
-        cfg = load_config(config, set_ or [])
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    cfg = load_config(config, set_ or [])
+    check_config(cfg, str(config))
     out = out or Path("runs") / cfg.name
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.algorithm} on a local Flower deployment · "
         f"{cfg.federation.num_clients} SuperNodes · TLS {'on' if tls else 'off'} · "
         f"SecAgg+ {'on' if secagg else 'off'}"
     )
-    try:
-        deploy_experiment(
-            config,
-            set_ or [],
-            out,
-            num_clients=cfg.federation.num_clients,
-            tls=tls,
-            auth=auth,
-            options={"secagg": secagg},
-            overwrite=overwrite,
-            on_status=console.log,
-        )
-    except FlowerEngineError as exc:
-        raise _fail(str(exc)) from None
+    deploy_experiment(
+        config,
+        set_ or [],
+        out,
+        num_clients=cfg.federation.num_clients,
+        tls=tls,
+        auth=auth,
+        options={"secagg": secagg},
+        overwrite=overwrite,
+        on_status=console.log,
+    )
     console.print(f"[green]done[/]: {out}")
     console.print((out / "results.md").read_text(encoding="utf-8"))
 
 
 @app.command("eval")
+@_reports_bad_input
 def eval_(
     model: Annotated[str, typer.Option(help="Offline alias, hub id, local folder or .gguf file.")],
     task: Annotated[str, typer.Option(help="Task name, e.g. arc_easy.")],
@@ -282,30 +274,25 @@ def eval_(
         _eval_with_lm_eval(model, task, adapter, limit, batch_size)
         return
     if harness != "fedcollm":
-        raise _fail(f"unknown harness {harness!r}; use 'fedcollm' or 'lm-eval'")
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise _fail(f"unknown --dtype {dtype!r}; use 'float32', 'bfloat16' or 'auto'")
-    from peft import PeftModel
+        raise _fail(f"unknown --harness {harness!r}; use 'fedcollm' or 'lm-eval'")
+    from fedcollm.lm.precision import DTYPES
 
-    from fedcollm.data import DataError, load_questions, render, sample_indices
+    if dtype not in ("auto", *DTYPES):
+        raise _fail(f"unknown --dtype {dtype!r}; use 'float32', 'bfloat16' or 'auto'")
+    from fedcollm.data import load_questions, render, sample_indices
     from fedcollm.evaluation.multiple_choice import evaluate
-    from fedcollm.lm.models import ModelError, load_base_model, load_tokenizer, needs_bos
-    from fedcollm.parties.runtime import torch_dtype
+    from fedcollm.lm.loading import load_base_model, load_tokenizer, needs_bos
+    from fedcollm.lm.lora import load_adapter
+    from fedcollm.lm.precision import torch_dtype
 
     _quiet_libraries()
-    try:
-        pool = load_questions(task, split, source)
-        questions = [pool[i] for i in sample_indices(len(pool), limit, seed)]
-        requests = [render(task, q, format_) for q in questions]
-        tokenizer = load_tokenizer(model)
-        lm = load_base_model(model, torch_dtype(dtype))
-    except (DataError, ModelError) as exc:
-        raise _fail(str(exc)) from None
-    if adapter is not None:
-        if not (adapter / "adapter_config.json").is_file():
-            raise _fail(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
-        lm = PeftModel.from_pretrained(lm, str(adapter))
-    result = evaluate(lm, tokenizer, requests, add_bos=needs_bos(tokenizer), batch_size=batch_size)
+    pool = load_questions(task, split, source)
+    questions = [pool[i] for i in sample_indices(len(pool), limit, seed)]
+    requests = [render(task, q, format_) for q in questions]
+    tokenizer = load_tokenizer(model)
+    lm = load_base_model(model, torch_dtype(dtype))
+    scored = lm if adapter is None else load_adapter(lm, adapter)
+    result = evaluate(scored, tokenizer, requests, add_bos=needs_bos(tokenizer), batch_size=batch_size)
     report = {
         "model": model,
         "adapter": str(adapter) if adapter else None,
@@ -322,23 +309,20 @@ def _eval_with_lm_eval(
     model: str, task: str, adapter: Path | None, limit: int | None, batch_size: int
 ) -> None:
     """`fedcollm eval --harness lm-eval`: lm-eval's own task on the model (+ adapter), as JSON."""
-    from fedcollm.evaluation.harness import HarnessError, run_lm_eval
-    from fedcollm.lm.models import ModelError
+    from fedcollm.evaluation.harness import run_lm_eval
 
     _quiet_libraries()
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise _fail(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
-    try:
-        results = run_lm_eval(
-            model, task, adapter=str(adapter) if adapter else None, limit=limit, batch_size=batch_size
-        )
-    except (HarnessError, ModelError) as exc:
-        raise _fail(str(exc)) from None
+    results = run_lm_eval(
+        model, task, adapter=str(adapter) if adapter else None, limit=limit, batch_size=batch_size
+    )
     report = {"model": model, "adapter": str(adapter) if adapter else None, "harness": "lm-eval", **results}
     typer.echo(json.dumps(report, indent=2))
 
 
 @app.command()
+@_reports_bad_input
 def compare(
     config: Annotated[
         Path, typer.Argument(help="Base experiment TOML; its [compare] section lists methods/tasks.")
@@ -354,25 +338,18 @@ def compare(
 ) -> None:
     """Run every method on every task with the same partition, seeds and evaluation set; write
     the paper's Tables 1-3 (markdown and CSV) and accuracy-per-round plots."""
-    from fedcollm.config import ConfigError, load_config
-    from fedcollm.data import DataError
+    from fedcollm.config import load_config
+    from fedcollm.engines import run_experiment
     from fedcollm.experiment.compare import run_comparison
-    from fedcollm.lm.models import ModelError
 
     _quiet_libraries()
-    try:
-        cfg = load_config(config, set_ or [])
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    methods = methods or cfg.compare.methods
+    cfg = load_config(config, set_ or [])
+    methods = methods or list(cfg.compare.methods)
     tasks = tasks or cfg.compare.tasks or [cfg.task.name]
     out = out or Path("runs") / f"compare-{cfg.name}"
     console.print(
         f"[bold]compare[/] {cfg.name}: methods {', '.join(methods)} · tasks {', '.join(tasks)} → {out}"
     )
-    try:
-        with _progress() as progress:
-            run_comparison(cfg, out, methods, tasks, reporter=RichReporter(progress))
-    except (ConfigError, DataError, ModelError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    with _progress() as progress:
+        run_comparison(cfg, out, run_experiment, methods, tasks, reporter=RichReporter(progress))
     console.print((out / "report.md").read_text(encoding="utf-8"))

@@ -9,14 +9,36 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedcollm.errors import FedcollmError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedcollmError, ValueError):
     """A configuration that cannot be run; the message names the file and key at fault."""
+
+
+AlgorithmName = Literal["fedcollm", "fedmkt", "crosslm", "zeroshot", "standalone", "fedavg", "centralized"]
+"""Every registered algorithm (`fedcollm.algorithms.ALGORITHMS`; a test keeps the two equal)."""
+ALGORITHM_NAMES: tuple[str, ...] = get_args(AlgorithmName)
+PAPER_METHODS: tuple[AlgorithmName, ...] = ("zeroshot", "standalone", "fedavg", "centralized", "fedcollm")
+"""The FedCoLLM paper's comparison: its four baselines and FedCoLLM."""
+Role = Literal["slm", "llm"]
+"""The two models of a run: the clients' small model and the server's large one."""
+
+
+def _known_algorithm_name(value: Any) -> Any:
+    """A clear error for an unknown algorithm name, with the closest one suggested."""
+    if isinstance(value, str) and value not in ALGORITHM_NAMES:
+        close = difflib.get_close_matches(value, ALGORITHM_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown algorithm {value!r}{hint}; available: {', '.join(sorted(ALGORITHM_NAMES))}"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -183,7 +205,9 @@ class EvalConfig(_Section):
     limit: int = Field(200, ge=0, description="Seeded subset size; 0 = the whole split.")
     every_round: bool = Field(True, description="Evaluate after every round, not only the last.")
     batch_size: int = Field(16, ge=1, description="Choices scored per forward pass.")
-    models: list[Literal["slm", "llm"]] = Field(default_factory=lambda: ["slm", "llm"])
+    models: list[Role] = Field(
+        default_factory=lambda: list(get_args(Role)), description="Models to evaluate: slm, llm or both."
+    )
 
 
 class RobustnessConfig(_Section):
@@ -210,10 +234,19 @@ class CheckpointConfig(_Section):
 class CompareConfig(_Section):
     """What `fedcollm compare` runs: every method on every task, same partition and seeds."""
 
-    methods: list[str] = Field(
-        default_factory=lambda: ["zeroshot", "standalone", "fedavg", "centralized", "fedcollm"],
-        description="Algorithms to compare (the paper's baselines and FedCoLLM).",
+    methods: list[AlgorithmName] = Field(
+        default_factory=lambda: list(PAPER_METHODS),
+        description="Algorithms to compare (the paper's baselines and FedCoLLM; any `algorithm` name).",
     )
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _known_methods(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for name in value:
+                _known_algorithm_name(name)
+        return value
+
     tasks: list[str] = Field(default_factory=list, description="Tasks to compare on; empty = task.name.")
 
 
@@ -221,7 +254,9 @@ class ExperimentConfig(_Section):
     """One experiment: algorithm, models, data, federation and training settings."""
 
     name: str = Field("experiment", description="Names the run; default run folder runs/<name>.")
-    algorithm: str = Field("fedcollm", description="Registered algorithm name.")
+    algorithm: AlgorithmName = Field(
+        "fedcollm", description=f"The algorithm to run: {', '.join(ALGORITHM_NAMES)}."
+    )
     seed: int = Field(0, description="Seeds partition, LoRA init, shuffling, dropout, evaluation subset.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
@@ -245,20 +280,21 @@ class ExperimentConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
 
-    @field_validator("algorithm")
+    @field_validator("algorithm", mode="before")
     @classmethod
-    def _known_algorithm(cls, value: str) -> str:
-        from fedcollm.algorithms import ALGORITHMS
-
-        if value not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {value!r}; available: {', '.join(sorted(ALGORITHMS))}")
-        return value
+    def _known_algorithm(cls, value: Any) -> Any:
+        return _known_algorithm_name(value)
 
     @model_validator(mode="after")
     def _eval_split_default(self) -> ExperimentConfig:
         if self.eval.split is None:
             self.eval.split = self.task.eval_split
         return self
+
+    @property
+    def eval_split(self) -> str:
+        """The split accuracy is measured on (`eval.split`, else `task.eval_split`)."""
+        return self.eval.split or self.task.eval_split
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML (None values omitted, as TOML has no null)."""
@@ -305,7 +341,8 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
         else:
             given = err.get("input")
             shown = "" if isinstance(given, dict) else f" (got {given!r})"
-            lines.append(f"  - {key or '<root>'}: {err['msg']}{shown}")
+            message = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"  - {key or '<root>'}: {message}{shown}")
     return "\n".join(lines)
 
 

@@ -1,11 +1,12 @@
 """Algorithms, one package each (the three co-tuning systems) and the paper's baselines;
 importing this package registers them all."""
 
-from fedcollm.algorithms.base import ALGORITHMS, Algorithm, register
+from fedcollm.algorithms.base import Algorithm
 from fedcollm.algorithms.baselines import Centralized, FedAvg, Standalone, ZeroShot
 from fedcollm.algorithms.crosslm import CrossLM
 from fedcollm.algorithms.fedcollm import FedCoLLM
 from fedcollm.algorithms.fedmkt import FedMKT
+from fedcollm.algorithms.registry import ALGORITHMS, check_config, register
 
 __all__ = [
     "ALGORITHMS",
@@ -17,5 +18,6 @@ __all__ = [
     "FedMKT",
     "Standalone",
     "ZeroShot",
+    "check_config",
     "register",
 ]

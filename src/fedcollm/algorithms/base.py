@@ -1,8 +1,9 @@
-"""The contract every algorithm fulfils, and the registry the config resolves names against.
+"""The contract every algorithm fulfils: a handful of hooks, as in Flower's strategies.
 
-A round, as in Flower's strategies: `configure_fit` builds what clients receive, each client
-runs `client_fit`, the server `aggregate_fit`s the replies and runs `server_update` on the
-aggregate, then `evaluate`. Engines call these hooks and only move the messages between them.
+A round: `configure_fit` builds what clients receive, each client runs `client_fit`, the server
+`screen_fit`s and `aggregate_fit`s the replies and runs `server_update` on the aggregate, then
+`evaluate`. Engines call these hooks and only move the messages between them. Before anything
+loads, `check_config` says whether an experiment can run at all.
 """
 
 from __future__ import annotations
@@ -12,35 +13,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
-import numpy as np
-
+from fedcollm.algorithms.steps import evaluate_role, mean_over_clients
 from fedcollm.config import ExperimentConfig
 from fedcollm.evaluation.multiple_choice import evaluate
 from fedcollm.federation import wire
 from fedcollm.federation.robust import AGGREGATORS, Rejection, screen_uploads
-from fedcollm.lm.encoding import Encoded
-from fedcollm.lm.models import Arrays, LoadedModel, get_adapter, set_adapter
-from fedcollm.parties.runtime import (
-    ClientReply,
-    ClientRuntime,
-    Metric,
-    Payload,
-    Reporter,
-    ServerRuntime,
-    derive_seed,
-    pad_id,
-)
-from fedcollm.training.sft import TrainResult, train_sft
-
-ALGORITHMS: dict[str, type[Algorithm]] = {}
-
-
-def register(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: make an algorithm selectable by its `name` in configs."""
-    if cls.name in ALGORITHMS:
-        raise ValueError(f"algorithm name {cls.name!r} registered twice")
-    ALGORITHMS[cls.name] = cls
-    return cls
+from fedcollm.lm.lora import get_adapter, set_adapter
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter
 
 
 class Algorithm(ABC):
@@ -63,11 +44,33 @@ class Algorithm(ABC):
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
 
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> list[str]:
+        """Why `config` cannot run this algorithm, one reason per item (empty: it can).
+
+        Holds every check that needs more than one config section; a single section validates
+        itself. The run, `fedcollm run --dry-run` and every client call it before anything
+        loads, so a dry run refuses exactly what a run would. Subclasses extend the list.
+        """
+        problems = []
+        if cls.uses_llm and config.llm is None:
+            problems.append(f"algorithm {cls.name!r} needs an [llm] section (the server's LLM)")
+        if cls.needs_auxiliary_set(config) and config.task.aux_fraction <= 0:
+            problems.append(
+                f"algorithm {cls.name!r} trains on the server's auxiliary set: set task.aux_fraction > 0"
+            )
+        return problems
+
+    @classmethod
+    def needs_auxiliary_set(cls, config: ExperimentConfig) -> bool:
+        """Whether the server's step uses the auxiliary set D_a (default: no)."""
+        return False
+
     def num_rounds(self) -> int:
         """How many rounds to run (default: `federation.rounds`)."""
         return self.config.federation.rounds
 
-    def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
+    def configure_fit(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> Payload:
         """What every client receives at the start of round `rnd` (default: the global adapter).
 
         The adapter travels in `federation.transport_dtype` (`to_wire`).
@@ -117,7 +120,7 @@ class Algorithm(ABC):
         metrics: list[Metric] = []
         for role in self.eval_roles(server):
             adapter = server.global_adapter if role == "slm" else None
-            metrics += evaluate_role(self, server, role, rnd, reporter, adapter)
+            metrics += evaluate_role(self.config, server, role, rnd, reporter, adapter)
         return metrics
 
     def client_evaluate(
@@ -182,106 +185,3 @@ class Algorithm(ABC):
         """The configured models to evaluate that this algorithm has."""
         have = {"slm": True, "llm": self.uses_llm and server.llm is not None}
         return [role for role in self.config.eval.models if have[role]]
-
-
-def mean_over_clients(metrics: Sequence[Metric], rnd: int, role: str = "slm") -> list[Metric]:
-    """The mean of each per-client metric, as the paper reports clients' SLMs."""
-    keys = sorted({m.metric for m in metrics if m.client is not None})
-    return [
-        Metric(
-            rnd,
-            role,
-            None,
-            key,
-            float(np.mean([m.value for m in metrics if m.metric == key and m.client is not None])),
-        )
-        for key in keys
-    ]
-
-
-def evaluate_role(
-    algorithm: Algorithm,
-    server: ServerRuntime,
-    role: str,
-    rnd: int,
-    reporter: Reporter,
-    adapter: Arrays | None = None,
-    client: int | None = None,
-) -> list[Metric]:
-    """Evaluate one model (with `adapter` loaded into it, if given) and return its metrics."""
-    lm = server.model(role)
-    if adapter is not None:
-        set_adapter(lm.model, adapter)
-    who = f"{role} ({lm.name})" if client is None else f"{role} of client {client}"
-    reporter.phase(f"round {rnd} · evaluating {who}")
-    result = evaluate(
-        lm.model,
-        lm.tokenizer,
-        server.encoded_eval(role),
-        add_bos=lm.add_bos,
-        batch_size=algorithm.config.eval.batch_size,
-        on_batch=lambda b, total: reporter.advance(b, total),
-    )
-    return [Metric(rnd, role, client, key, value) for key, value in result.summary().items()]
-
-
-def train_client_adapter(
-    algorithm: Algorithm, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
-) -> ClientReply:
-    """The standard local update: start from the payload's adapter, train E epochs, send it back.
-
-    The payload's adapter arrives and the reply's leaves in `federation.transport_dtype`.
-    """
-    set_adapter(client.slm.model, algorithm.from_wire(payload.arrays))
-    reporter.phase(f"round {rnd} · client {client.client_id} training", None)
-    result = client_sft(algorithm.config, client, client.train, rnd, reporter)
-    return ClientReply(
-        client=client.client_id,
-        arrays=algorithm.to_wire(get_adapter(client.slm.model)),
-        num_examples=result.num_examples,
-        metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
-    )
-
-
-def client_sft(
-    config: ExperimentConfig,
-    client: ClientRuntime,
-    examples: Sequence[Encoded],
-    rnd: int,
-    reporter: Reporter,
-) -> TrainResult:
-    """A client's local SFT of its SLM adapter, seeded by round and client so every engine agrees."""
-    return train_sft(
-        client.slm.model,
-        examples,
-        pad_id=pad_id(client.slm),
-        lr=config.slm.lr,
-        cfg=config.train,
-        seed=derive_seed(config.seed, rnd, 100 + client.client_id),
-        on_step=reporter.step_callback(),
-    )
-
-
-def llm_sft(
-    config: ExperimentConfig,
-    llm: LoadedModel,
-    examples: Sequence[Encoded],
-    rnd: int,
-    reporter: Reporter,
-    *,
-    epochs: int | None = None,
-    weights: Sequence[float] | None = None,
-) -> TrainResult:
-    """The server's SFT of its LLM adapter (Centralized, CrossLM), seeded by round."""
-    assert config.llm is not None
-    return train_sft(
-        llm.model,
-        examples,
-        pad_id=pad_id(llm),
-        lr=config.llm.lr,
-        cfg=config.train,
-        seed=derive_seed(config.seed, rnd, 2),
-        epochs=epochs,
-        on_step=reporter.step_callback(),
-        weights=weights,
-    )

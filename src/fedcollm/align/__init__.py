@@ -1,6 +1,7 @@
 """Token alignment between different tokenizers (FedMKT): MinED vocabulary maps, DTW
 sequence alignment and top-K logit transfer."""
 
+from fedcollm.align.bridge import TokenBridge, needs_bridge
 from fedcollm.align.normalize import WORD_START, TokenNormalizer, normalize_vocab
 from fedcollm.align.search import brute_force_map, nearest_indices
 from fedcollm.align.sequence import (
@@ -17,6 +18,7 @@ __all__ = [
     "ALGO_VERSION",
     "WORD_START",
     "AlignedTopK",
+    "TokenBridge",
     "TokenNormalizer",
     "VocabMap",
     "align_positions",
@@ -28,5 +30,6 @@ __all__ = [
     "dtw_path",
     "map_topk",
     "nearest_indices",
+    "needs_bridge",
     "normalize_vocab",
 ]

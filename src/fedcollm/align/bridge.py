@@ -7,6 +7,7 @@ or a one-hot on its own token where no 1:1 match exists (FedMKT, App. B).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ import numpy as np
 from fedcollm.align.normalize import TokenNormalizer
 from fedcollm.align.sequence import align_topk_for_ids
 from fedcollm.align.vocab import VocabMap, build_vocab_map
-from fedcollm.lm.encoding import Encoded
+
+
+def needs_bridge(a: Any, b: Any) -> bool:
+    """Whether two tokenizers split texts differently, so logits need a `TokenBridge` to compare.
+
+    Tokenizers with the same vocabulary (the same object, or two loads of one tokenizer) split
+    every text alike, and their logits compare position by position and id by id.
+    """
+    return a is not b and a.get_vocab() != b.get_vocab()
 
 
 @dataclass(frozen=True)
@@ -48,12 +57,20 @@ class TokenBridge:
         )
 
     def transfer(
-        self, src: Encoded, dst: Encoded, topk_ids: np.ndarray, topk_vals: np.ndarray
+        self,
+        src_tokens: Sequence[int],
+        dst_tokens: Sequence[int],
+        topk_ids: np.ndarray,
+        topk_vals: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows [dst.n_target, K] (ids in dst's vocabulary, -1 padding; logits, -inf padding)."""
+        """One text's top-K rows over its `src_tokens` carried onto its `dst_tokens`.
+
+        `topk_ids`/`topk_vals` are [len(src_tokens), K] in the source vocabulary; the result is
+        [len(dst_tokens), K] in the target's (ids -1 and logits -inf where a row is padded).
+        """
         aligned = align_topk_for_ids(
-            src.input_ids[src.n_context :],
-            dst.input_ids[dst.n_context :],
+            src_tokens,
+            dst_tokens,
             self.src_tok,
             self.dst_tok,
             topk_ids,

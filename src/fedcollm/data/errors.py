@@ -1,7 +1,9 @@
 """The single exception type raised by ``fedcollm.data``."""
 
+from fedcollm.errors import FedcollmError
 
-class DataError(ValueError):
+
+class DataError(FedcollmError, ValueError):
     """Bad task, split, source, file content or partition request.
 
     Subclasses ``ValueError`` so callers that already guard against bad values keep working,

@@ -12,7 +12,10 @@ from fedcollm.data.types import MCQuestion, MCRequest
 class PromptFormat(Protocol):
     """Chooses the prompt template for a task."""
 
-    description: str
+    @property
+    def description(self) -> str:
+        """One line for listings of the available choices."""
+        ...
 
     def template_for(self, task: TaskSpec) -> PromptTemplate:
         """The template this format uses for ``task``."""

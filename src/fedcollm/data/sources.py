@@ -15,7 +15,10 @@ from fedcollm.data.types import MCQuestion
 class QuestionSource(Protocol):
     """A named place to load a task's split from."""
 
-    description: str
+    @property
+    def description(self) -> str:
+        """One line for listings of the available choices."""
+        ...
 
     def load(self, task: TaskSpec, split: str, limit: int | None) -> list[MCQuestion]:
         """The first ``limit`` (all if None) questions of ``task``/``split``."""

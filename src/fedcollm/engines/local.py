@@ -1,19 +1,29 @@
 """The embedded engine: every party in this process, clients one after another.
 
 All clients and the server share one loaded SLM base model and swap adapters in and out, so
-memory does not grow with the number of clients.
+memory does not grow with the number of clients. It is the default engine (`fedcollm run`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 from fedcollm.algorithms import Algorithm
-from fedcollm.parties.runtime import ClientReply, ClientRuntime, Payload, Reporter
+from fedcollm.config import ExperimentConfig
+from fedcollm.experiment.loop import run_rounds
+from fedcollm.experiment.recording import RunRecorder
+from fedcollm.experiment.setup import prepare_server
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.loading import load_client_models
+from fedcollm.parties.resources import SharedResources
+from fedcollm.protocol import ClientReply, ClientStates, Payload, Reporter, SecureAggregate
 
 
 class InProcessTransport:
-    """Calls each client's `client_fit` directly, in client order."""
+    """Calls each client's `client_fit` directly, in client order (the loop's `Transport`)."""
+
+    secure = False
+    """No secure aggregation: every party is in this process, the server sees every upload."""
 
     def __init__(self, algorithm: Algorithm, clients: list[ClientRuntime], reporter: Reporter) -> None:
         self.algorithm = algorithm
@@ -23,15 +33,41 @@ class InProcessTransport:
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
         return [self.algorithm.client_fit(client, payload, rnd, self.reporter) for client in self.clients]
 
+    def fit_aggregate(self, payload: Payload, rnd: int) -> SecureAggregate:
+        raise NotImplementedError("the embedded engine has no secure aggregation (`secure` is False)")
+
     def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]:
         return [
             self.algorithm.client_evaluate(client, payload, rnd, self.reporter) for client in self.clients
         ]
 
-    def client_states(self) -> dict[int, dict[str, Any]]:
+    def client_states(self) -> ClientStates:
         """What each client keeps between rounds, for checkpoints."""
         return {client.client_id: self.algorithm.client_state(client) for client in self.clients}
 
-    def restore_client_states(self, states: dict[int, dict[str, Any]]) -> None:
+    def restore_client_states(self, states: ClientStates) -> None:
         for client in self.clients:
             self.algorithm.restore_client_state(client, states.get(client.client_id, {}))
+
+
+def run_local(
+    config: ExperimentConfig,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> RunRecorder:
+    """Run `config` with every party in this process; write its run folder to `out`."""
+    reporter = reporter or Reporter()
+    resources = SharedResources()
+    algorithm, server, recorder = prepare_server(
+        config, out, overwrite=overwrite, resume=resume, reporter=reporter, resources=resources
+    )
+    client_models = load_client_models(config, server.slm)
+    clients = [
+        ClientRuntime.create(config, server.data, k, lm, resources) for k, lm in enumerate(client_models)
+    ]
+    transport = InProcessTransport(algorithm, clients, reporter)
+    run_rounds(algorithm, server, transport, recorder, reporter, resume=resume)
+    return recorder

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from fedcollm.data import MCQuestion
+from fedcollm.errors import FedcollmError
 
 LM_EVAL_VERSION = "0.4.13"
 INSTALL_HINT = "pip install 'fedcollm[eval]'  (lm-eval==0.4.13)"
@@ -39,7 +40,7 @@ _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_spli
 LOCAL_SPLIT = "validation"
 
 
-class HarnessError(RuntimeError):
+class HarnessError(FedcollmError, RuntimeError):
     """lm-eval is missing, or cannot run the requested task; the message says what to do."""
 
 
@@ -56,7 +57,10 @@ def import_lm_eval() -> ModuleType:
 
 def lm_eval_tasks_dir() -> Path:
     """The `tasks/` folder of the installed lm-eval package."""
-    return Path(import_lm_eval().__file__).parent / "tasks"
+    location = import_lm_eval().__file__
+    if location is None:
+        raise HarnessError("the installed lm_eval package has no files (a namespace package?)")
+    return Path(location).parent / "tasks"
 
 
 def _load_yaml_with_includes(path: Path) -> dict[str, Any]:
@@ -243,10 +247,10 @@ def run_lm_eval(
 ) -> dict[str, Any]:
     """Run lm-eval's own `task` (by its lm-eval name; data from the hub) on a model + adapter.
 
-    `model` is anything `fedcollm.lm.models.resolve_model` accepts (offline aliases become their
+    `model` is anything `fedcollm.lm.loading.resolve_model` accepts (offline aliases become their
     converted folders). Returns lm-eval's results, made JSON-serialisable.
     """
-    from fedcollm.lm.models import resolve_model
+    from fedcollm.lm.loading import resolve_model
 
     task_dict = load_tasks([task])  # first: offline, this fails fast, before the model loads
     lm = hf_lm(resolve_model(model), peft=adapter, batch_size=batch_size)

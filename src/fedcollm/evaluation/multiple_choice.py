@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.data import MCRequest
+from fedcollm.lm import encoding
 from fedcollm.lm.encoding import Encoded, encode_pair
 from fedcollm.lm.logits import decoder_of, head_logits
 
@@ -196,7 +197,9 @@ def _score_batch(
         ).last_hidden_state
     logprobs = torch.log_softmax(head_logits(model, hidden[suffix_mask.bool()]), dim=-1).double()
     starts = np.concatenate([[0], np.cumsum([len(row.tokens) for _, row in rows])[:-1]])
-    where, targets, owner = [], [], []
+    where: list[int] = []
+    targets: list[int] = []
+    owner: list[int] = []
     for (_, row), start in zip(rows, starts, strict=True):
         for i in row.members:
             seq = sequences[i]
@@ -287,6 +290,5 @@ def evaluate(
     )
     if not encoded.requests:
         raise ValueError("no questions to evaluate")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lls = sequence_loglikelihoods(model, encoded.sequences, pad_id, batch_size, on_batch)
+    lls = sequence_loglikelihoods(model, encoded.sequences, encoding.pad_id(tokenizer), batch_size, on_batch)
     return score(encoded, lls)

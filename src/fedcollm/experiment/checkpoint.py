@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from fedcollm.config import ExperimentConfig
+from fedcollm.errors import FedcollmError
+from fedcollm.experiment.state import flatten_state, unflatten_state
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -37,55 +39,16 @@ def experiment_key(config: ExperimentConfig) -> str:
     return hashlib.sha256(config.to_toml().encode("utf-8")).hexdigest()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FedcollmError, ValueError):
     """A checkpoint that cannot be used; the message names the folder and the reason."""
-
-
-def _flatten(value: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
-    """Replace arrays inside nested dicts/lists by references into `arrays` (JSON-able layout)."""
-    if isinstance(value, np.ndarray):
-        key = f"a{len(arrays)}"
-        arrays[key] = value
-        return {"__array__": key}
-    if isinstance(value, np.generic):  # a NumPy scalar keeps its dtype as a 0-d array
-        key = f"a{len(arrays)}"
-        arrays[key] = np.asarray(value)
-        return {"__scalar__": key}
-    if isinstance(value, dict):
-        return {"__dict__": [[_key(k), _flatten(v, f"{prefix}/{k}", arrays)] for k, v in value.items()]}
-    if isinstance(value, list | tuple):
-        return {"__list__": [_flatten(v, f"{prefix}/{i}", arrays) for i, v in enumerate(value)]}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    raise CheckpointError(
-        f"state at {prefix!r} holds a {type(value).__name__}, which a checkpoint cannot store"
-    )
-
-
-def _key(key: Any) -> Any:
-    if isinstance(key, bool | int | str):
-        return key
-    raise CheckpointError(f"state key {key!r} is not an int or str")
-
-
-def _unflatten(layout: Any, arrays: Any) -> Any:
-    if isinstance(layout, dict):
-        if "__array__" in layout:
-            return np.array(arrays[layout["__array__"]])
-        if "__scalar__" in layout:
-            return np.array(arrays[layout["__scalar__"]])[()]
-        if "__dict__" in layout:
-            return {k: _unflatten(v, arrays) for k, v in layout["__dict__"]}
-        if "__list__" in layout:
-            return [_unflatten(v, arrays) for v in layout["__list__"]]
-    return layout
 
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch global generator states (JSON-able)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state(legacy=True)
+    version, internal, gauss = random.getstate()
     return {
-        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "python": [list(internal), version, gauss],
         "numpy": [np_state[0], np.asarray(np_state[1]).tolist(), *map(_plain, np_state[2:])],
         "torch": torch.get_rng_state().tolist(),
     }
@@ -129,12 +92,11 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, keep_last: int | None
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"round-{checkpoint.round:04d}"
-    arrays: dict[str, np.ndarray] = {}
-    layout = _flatten(checkpoint.state, "", arrays)
+    layout, arrays = flatten_state(checkpoint.state)
     staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
     try:
         with (staging / "arrays.npz").open("wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, allow_pickle=False, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
         meta = {
@@ -178,7 +140,7 @@ def load_checkpoint(folder: Path, experiment_key: str) -> Checkpoint:
     if _sha256(arrays_path) != meta.get("arrays_sha256"):
         raise CheckpointError(f"{folder}: arrays.npz is corrupt (checksum mismatch)")
     with np.load(arrays_path, allow_pickle=False) as arrays:
-        state = _unflatten(meta["layout"], arrays)
+        state = unflatten_state(meta["layout"], arrays)
     return Checkpoint(meta["round"], experiment_key, state, meta["record"], meta["rng"])
 
 

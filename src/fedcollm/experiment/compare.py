@@ -1,7 +1,9 @@
 """Run several methods on several tasks with identical partition, seeds and evaluation set.
 
 Each (task, method) run is an ordinary run folder under `<out>/runs/`, named by a hash of its
-resolved configuration: a finished run with the same configuration is reused, not redone.
+resolved configuration: a finished run with the same configuration is reused, not redone. The
+runs go through a `Runner` the caller passes (`fedcollm.engines.run_experiment` from the
+command line), so a comparison runs on any engine.
 """
 
 from __future__ import annotations
@@ -9,24 +11,27 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
-from fedcollm.config import ExperimentConfig, build_config
+from fedcollm.config import PAPER_METHODS, ExperimentConfig
 from fedcollm.experiment.checkpoint import CHECKPOINT_DIR
-from fedcollm.experiment.plan import plan
+from fedcollm.experiment.plan import plan, variant
 from fedcollm.experiment.report import RunRef, write_report
-from fedcollm.experiment.run import run_experiment
-from fedcollm.parties.runtime import Reporter
-
-PAPER_METHODS = ("zeroshot", "standalone", "fedavg", "centralized", "fedcollm")
+from fedcollm.protocol import Reporter
 
 
-def variant(base: ExperimentConfig, task: str, method: str) -> ExperimentConfig:
-    """The base configuration with only the task and the algorithm changed."""
-    data = base.model_dump(mode="json")
-    data["algorithm"] = method
-    data["task"]["name"] = task
-    data["name"] = f"{base.name}-{task}-{method}"
-    return build_config(data, f"{base.name} ({task}, {method})")
+class Runner(Protocol):
+    """Runs one experiment into a run folder (`fedcollm.engines.run_experiment` is one)."""
+
+    def __call__(
+        self,
+        config: ExperimentConfig,
+        out: Path,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        reporter: Reporter | None = None,
+    ) -> Any: ...
 
 
 def config_key(config: ExperimentConfig) -> str:
@@ -54,6 +59,7 @@ def is_started(folder: Path, config: ExperimentConfig) -> bool:
 def run_comparison(
     base: ExperimentConfig,
     out: Path,
+    runner: Runner,
     methods: Sequence[str] = PAPER_METHODS,
     tasks: Sequence[str] | None = None,
     reporter: Reporter | None = None,
@@ -71,10 +77,10 @@ def run_comparison(
                 reporter.message(f"{task} · {method}: reusing {folder}")
             elif is_started(folder, config):
                 reporter.message(f"{task} · {method}: resuming {folder}")
-                run_experiment(config, folder, resume=True, reporter=reporter)
+                runner(config, folder, resume=True, reporter=reporter)
             else:
                 reporter.message(f"{task} · {method}: running into {folder}")
-                run_experiment(config, folder, overwrite=True, reporter=reporter)
+                runner(config, folder, overwrite=True, reporter=reporter)
             runs.append(RunRef(task, method, folder))
     write_report(runs, out)
     return runs

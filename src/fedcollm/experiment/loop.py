@@ -7,10 +7,8 @@ evaluation before training and after rounds, aggregation, the server step, the r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
-
 from fedcollm.algorithms import Algorithm
+from fedcollm.errors import RoundError
 from fedcollm.experiment.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
@@ -22,55 +20,14 @@ from fedcollm.experiment.checkpoint import (
     set_rng_state,
 )
 from fedcollm.experiment.recording import RunRecorder
-from fedcollm.lm.models import Arrays
-from fedcollm.parties.runtime import ClientReply, Metric, Payload, Reporter, ServerRuntime
-
-
-class Transport(Protocol):
-    """Moves one round's payload to the clients and their replies back."""
-
-    def fit(self, payload: Payload, rnd: int) -> list[ClientReply]: ...
-
-    def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]: ...
-
-
-class StatefulTransport(Transport, Protocol):
-    """A transport whose clients live in this process, so their state can be checkpointed."""
-
-    def client_states(self) -> dict[int, dict[str, Any]]: ...
-
-    def restore_client_states(self, states: dict[int, dict[str, Any]]) -> None: ...
-
-
-@dataclass
-class SecureAggregate:
-    """A round aggregated under secure aggregation: the server sees only the weighted mean.
-
-    `replies` name the clients in the mean with their example counts and metrics; their arrays
-    are shape-only stand-ins (for the communication record), never a client's values.
-    """
-
-    arrays: Arrays
-    num_examples: int
-    replies: list[ClientReply]
-
-
-class SecureTransport(Transport, Protocol):
-    """A transport that can compute the example-weighted mean without revealing the uploads."""
-
-    secure: bool
-
-    def fit_aggregate(self, payload: Payload, rnd: int) -> SecureAggregate: ...
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, Transport
 
 
 def _dropouts(rnd: int, num_clients: int, replies: list[ClientReply]) -> list[Metric]:
     """One `dropped_out` line per client missing from a round (a transport may lose clients)."""
     present = {reply.client for reply in replies}
     return [Metric(rnd, "client", k, "dropped_out", 1.0) for k in range(num_clients) if k not in present]
-
-
-class RoundError(RuntimeError):
-    """A round that cannot be aggregated (too few acceptable uploads)."""
 
 
 def _screen(
@@ -105,7 +62,7 @@ def _screen(
 
 def _evaluate(
     algorithm: Algorithm, server: ServerRuntime, transport: Transport, rnd: int, reporter: Reporter
-):
+) -> list[Metric]:
     metrics = algorithm.evaluate(server, rnd, reporter)
     if algorithm.evaluates_on_clients:
         replies = sorted(transport.evaluate(Payload({}, {"round": rnd}), rnd), key=lambda r: r.client)
@@ -126,7 +83,7 @@ class _Checkpoints:
         config = self.algorithm.config.checkpoint
         if not config.enabled:
             return
-        clients = self.transport.client_states() if hasattr(self.transport, "client_states") else None
+        clients = self.transport.client_states()
         state = {"server": self.algorithm.server_state(self.server), "clients": clients}
         checkpoint = Checkpoint(rnd, self.key, state, self.recorder.snapshot(), rng_state())
         save_checkpoint(self.recorder.out, checkpoint, keep_last=config.keep_last or None)
@@ -141,13 +98,13 @@ class _Checkpoints:
             return None
         clients = checkpoint.state["clients"]
         if self.algorithm.client_state_keys:
-            if clients is None or not hasattr(self.transport, "restore_client_states"):
+            if clients is None:
                 raise CheckpointError(
                     f"cannot resume {self.algorithm.name!r} here: its clients keep state between rounds "
-                    "that this checkpoint or engine does not hold (on Flower it lives on the SuperNodes); "
-                    "resume it on the engine that wrote the checkpoint"
+                    "that this checkpoint does not hold (it was written by an engine whose clients keep "
+                    "their state themselves, as Flower's SuperNodes do); resume it on that engine"
                 )
-            self.transport.restore_client_states({int(k): v for k, v in clients.items()})  # type: ignore[attr-defined]
+            self.transport.restore_client_states({int(k): v for k, v in clients.items()})
         self.algorithm.restore_server_state(self.server, checkpoint.state["server"])
         self.recorder.restore(checkpoint.record)
         set_rng_state(checkpoint.rng)
@@ -177,16 +134,16 @@ def run_rounds(
         checkpoints.save(0)
         start = 0
     rounds = algorithm.num_rounds()
-    secure = algorithm.secure_aggregation and getattr(transport, "secure", False)
+    secure = algorithm.secure_aggregation and transport.secure
     for rnd in range(start + 1, rounds + 1):
         reporter.message(f"round {rnd}/{rounds}")
-        aggregate = {}
+        aggregate: Arrays = {}
         if algorithm.uses_clients:
-            payload = algorithm.configure_fit(server, rnd)
+            payload = algorithm.configure_fit(server, rnd, reporter)
             if secure:
                 # The transport returns only the weighted mean, which replaces `aggregate_fit`
                 # (algorithms declare `secure_aggregation` when theirs is that mean).
-                result = transport.fit_aggregate(payload, rnd)  # type: ignore[attr-defined]
+                result = transport.fit_aggregate(payload, rnd)
                 replies, aggregate = result.replies, result.arrays
             else:
                 # Client order fixes the float summation order, so every engine aggregates alike.

@@ -7,17 +7,22 @@ device (no weights, no memory), LoRA is attached, and the parameters are counted
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from fedcollm.config import ExperimentConfig, LoraConfig
-from fedcollm.data import load_questions
-from fedcollm.lm.models import ALIASES, LORA_TARGETS, ModelError, resolve_model
-from fedcollm.parties.runtime import dtype_text
+from fedcollm.algorithms import ALGORITHMS, check_config
+from fedcollm.config import ConfigError, ExperimentConfig, LoraConfig, build_config
+from fedcollm.experiment.setup import check_data
+from fedcollm.lm.loading import ModelError, resolve_model
+from fedcollm.lm.lora import LORA_TARGETS
+from fedcollm.lm.precision import dtype_text
+from fedcollm.parties.data import ExperimentData
 
 
 @dataclass(frozen=True)
@@ -42,20 +47,43 @@ def adapter_size(model_config: PretrainedConfig, lora: LoraConfig) -> AdapterSiz
     full = sum(p.numel() for p in model.parameters())
     peft_model = get_peft_model(
         model,
-        PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets),
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r is float math
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+        ),
     )
     adapter = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return AdapterSize(full, adapter)
 
 
 def local_model_config(name: str) -> PretrainedConfig | None:
-    """A model's configuration if it is available without the network, else None."""
+    """A model's configuration if it is available without the network, else None (a hub id
+    not in the local cache). A name that can never load raises `ModelError`."""
+    source = resolve_model(name)
     try:
-        if name in ALIASES:
-            return AutoConfig.from_pretrained(resolve_model(name))
-        return AutoConfig.from_pretrained(resolve_model(name), local_files_only=True)
-    except (OSError, ValueError):
+        return AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise ModelError(f"model {name!r}: cannot read {Path(source) / 'config.json'}: {exc}") from None
         return None
+
+
+def variant(base: ExperimentConfig, task: str, method: str) -> ExperimentConfig:
+    """The base configuration with only the task and the algorithm changed (one run of a comparison)."""
+    data = base.model_dump(mode="json")
+    data["algorithm"] = method
+    data["task"]["name"] = task
+    data["name"] = f"{base.name}-{task}-{method}"
+    return build_config(data, f"{base.name} ({task}, {method})")
+
+
+def _run_of(config: ExperimentConfig, task: str, method: str) -> ExperimentConfig:
+    """The experiment itself for its own task and algorithm, else its `variant`."""
+    if (task, method) == (config.task.name, config.algorithm):
+        return config
+    return variant(config, task, method)
 
 
 @dataclass(frozen=True)
@@ -64,22 +92,40 @@ class PlanLine:
     value: str
 
 
-def plan(
-    config: ExperimentConfig, methods: list[str] | None = None, tasks: list[str] | None = None
-) -> list[PlanLine]:
-    """The plan of a run (or comparison), raising `DataError`/`ModelError` on what cannot work."""
-    from fedcollm.algorithms import ALGORITHMS
+def check_runs(config: ExperimentConfig, methods: Sequence[str], tasks: Sequence[str]) -> None:
+    """Everything a run of each (task, method) would refuse before training, checked offline.
 
-    methods = methods or [config.algorithm]
-    tasks = tasks or [config.task.name]
+    The algorithm's `check_config`, the data (every training and evaluation question, read and
+    split as the run will), and every model name (it must resolve; a hub id need not be cached).
+    Raises the error the run would raise.
+    """
+    runs = {(task, method): _run_of(config, task, method) for task in tasks for method in methods}
+    for run in runs.values():
+        check_config(run)
+    for task in tasks:
+        data = ExperimentData.load(runs[task, methods[0]])
+        for method in methods:
+            check_data(ALGORITHMS[method], runs[task, method], data)
+    fed = config.federation
+    names = {config.slm.name} | {fed.client_model(k, config.slm.name) for k in range(fed.num_clients)}
+    if config.llm is not None and any(ALGORITHMS[m].uses_llm for m in methods):
+        names.add(config.llm.name)
+    for name in sorted(names):
+        resolve_model(name)
+
+
+def plan(
+    config: ExperimentConfig, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None
+) -> list[PlanLine]:
+    """The plan of a run (or comparison), raising what a run would raise on what cannot work."""
+    methods = list(methods or [config.algorithm])
+    tasks = list(tasks or [config.task.name])
     unknown = sorted(set(methods) - set(ALGORITHMS))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(ALGORITHMS))}"
         )
-    for task in tasks:
-        load_questions(task, config.task.train_split, config.task.source, limit=1)
-        load_questions(task, config.eval.split or config.task.eval_split, config.task.source, limit=1)
+    check_runs(config, methods, tasks)
     fed = config.federation
     lines = [
         PlanLine("methods", ", ".join(methods)),
@@ -90,7 +136,7 @@ def plan(
             f"{fed.num_clients} ({config.task.partition} split, "
             f"{config.task.aux_fraction:.0%} of the training questions to the server)",
         ),
-        PlanLine("evaluation", f"{config.eval.split}, {config.eval.limit or 'all'} questions"),
+        PlanLine("evaluation", f"{config.eval_split}, {config.eval.limit or 'all'} questions"),
         PlanLine("dtype", f"base models in {dtype_text(config.dtype)}, adapters in float32"),
     ]
     roles = [("slm", config.slm)] + ([("llm", config.llm)] if config.llm is not None else [])
@@ -108,4 +154,4 @@ def plan(
     return lines
 
 
-__all__ = ["AdapterSize", "PlanLine", "adapter_size", "local_model_config", "plan"]
+__all__ = ["AdapterSize", "PlanLine", "adapter_size", "check_runs", "local_model_config", "plan", "variant"]

@@ -20,14 +20,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcollm.config import ExperimentConfig
-from fedcollm.lm.models import Arrays, count_base_parameters, save_adapter
-from fedcollm.parties.runtime import ClientReply, Metric, Payload, ServerRuntime, dtype_text
+from fedcollm.errors import FedcollmError
+from fedcollm.lm.lora import count_base_parameters, save_adapter
+from fedcollm.lm.precision import dtype_text
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload
 
 if TYPE_CHECKING:
     from fedcollm.algorithms import Algorithm
 
 
-class RunFolderError(ValueError):
+class RunFolderError(FedcollmError, ValueError):
     """The output folder holds something we must not overwrite."""
 
 

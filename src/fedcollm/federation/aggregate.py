@@ -6,8 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedcollm.lm.models import Arrays
-from fedcollm.parties.runtime import ClientReply
+from fedcollm.errors import FedcollmError
+from fedcollm.protocol import Arrays, ClientReply
+
+
+class AggregationError(FedcollmError, ValueError):
+    """Uploads that cannot be combined: none at all, zero total weight, or mismatched arrays."""
 
 
 def weighted_mean(replies: Sequence[ClientReply]) -> Arrays:
@@ -17,14 +21,14 @@ def weighted_mean(replies: Sequence[ClientReply]) -> Arrays:
     float64 rounding; returns float32 arrays with the first reply's names and shapes.
     """
     if not replies:
-        raise ValueError("no client replies to aggregate")
+        raise AggregationError("no client replies to aggregate")
     total = sum(r.num_examples for r in replies)
     if total <= 0:
-        raise ValueError("client example counts sum to zero; cannot weight the average")
+        raise AggregationError("client example counts sum to zero; cannot weight the average")
     names = list(replies[0].arrays)
     for reply in replies[1:]:
         if list(reply.arrays) != names:
-            raise ValueError(
+            raise AggregationError(
                 f"client {reply.client} sent different adapter names than client {replies[0].client}"
             )
     out: Arrays = {}
@@ -33,7 +37,9 @@ def weighted_mean(replies: Sequence[ClientReply]) -> Arrays:
         for reply in replies:
             shape = reply.arrays[name].shape
             if shape != acc.shape:
-                raise ValueError(f"client {reply.client}: {name} has shape {shape}, expected {acc.shape}")
+                raise AggregationError(
+                    f"client {reply.client}: {name} has shape {shape}, expected {acc.shape}"
+                )
             acc += reply.arrays[name].astype(np.float64) * (reply.num_examples / total)
         out[name] = acc.astype(np.float32)
     return out

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcollm.federation.aggregate import weighted_mean
-from fedcollm.lm.models import Arrays
-from fedcollm.parties.runtime import ClientReply
+from fedcollm.federation.aggregate import AggregationError, weighted_mean
+from fedcollm.protocol import Arrays, ClientReply
 
 FLOAT_DTYPES = (np.float32, np.float16)
 
@@ -100,17 +99,19 @@ def _stack(replies: Sequence[ClientReply], name: str) -> np.ndarray:
 def coordinate_median(replies: Sequence[ClientReply]) -> Arrays:
     """Coordinate-wise median of the uploads (Yin et al., 2018); ignores example counts."""
     if not replies:
-        raise ValueError("no client replies to aggregate")
+        raise AggregationError("no client replies to aggregate")
     return {name: np.median(_stack(replies, name), axis=0).astype(np.float32) for name in replies[0].arrays}
 
 
 def trimmed_mean(replies: Sequence[ClientReply], trim_fraction: float = 0.2) -> Arrays:
     """Coordinate-wise mean after dropping the `trim_fraction` largest and smallest values."""
     if not replies:
-        raise ValueError("no client replies to aggregate")
+        raise AggregationError("no client replies to aggregate")
     cut = int(trim_fraction * len(replies))
     if 2 * cut >= len(replies):
-        raise ValueError(f"trim_fraction={trim_fraction} leaves no value among {len(replies)} clients")
+        raise AggregationError(
+            f"robustness.trim_fraction={trim_fraction} leaves no value among {len(replies)} clients"
+        )
     out: Arrays = {}
     for name in replies[0].arrays:
         ordered = np.sort(_stack(replies, name), axis=0)

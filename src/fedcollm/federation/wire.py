@@ -23,7 +23,14 @@ from typing import Literal
 import numpy as np
 import torch
 
+from fedcollm.errors import FedcollmError
+
 TransportDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class TransportDtypeError(FedcollmError, ValueError):
+    """Arrays that cannot travel in the chosen `federation.transport_dtype`."""
+
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 """Largest finite float16 (65504); adapters beyond it cannot travel as float16."""
@@ -41,7 +48,7 @@ def encode_bfloat16(values: np.ndarray) -> np.ndarray:
 def decode_bfloat16(bits: np.ndarray) -> np.ndarray:
     """The uint16 bit pattern of bfloat16 values -> float32 (exact)."""
     if bits.dtype != np.uint16:
-        raise ValueError(f"bfloat16 arrays travel as uint16 bit patterns, got {bits.dtype}")
+        raise TransportDtypeError(f"bfloat16 arrays travel as uint16 bit patterns, got {bits.dtype}")
     tensor = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16))
     return tensor.view(torch.bfloat16).to(torch.float32).numpy()
 
@@ -60,7 +67,7 @@ def encode(arrays: Mapping[str, np.ndarray], dtype: TransportDtype) -> dict[str,
         elif dtype == "float16":
             finite = value[np.isfinite(value)]
             if finite.size and float(np.max(np.abs(finite))) > FLOAT16_MAX:
-                raise ValueError(
+                raise TransportDtypeError(
                     f"{name}: values up to {float(np.max(np.abs(finite))):.3g} exceed float16's range "
                     f"({FLOAT16_MAX:g}); use federation.transport_dtype = 'bfloat16' or 'float32'"
                 )
@@ -68,7 +75,7 @@ def encode(arrays: Mapping[str, np.ndarray], dtype: TransportDtype) -> dict[str,
         elif dtype == "bfloat16":
             out[name] = encode_bfloat16(value)
         else:
-            raise ValueError(f"unknown transport dtype {dtype!r}")
+            raise TransportDtypeError(f"unknown transport dtype {dtype!r}")
     return out
 
 

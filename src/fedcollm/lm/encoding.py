@@ -13,6 +13,13 @@ from dataclasses import dataclass
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from fedcollm.data import MCRequest
+from fedcollm.errors import FedcollmError
+
+
+class EncodingError(FedcollmError, ValueError):
+    """A text that cannot become a training or scoring sequence (e.g. longer than `max_length`)."""
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -24,6 +31,11 @@ class Encoded:
     @property
     def n_target(self) -> int:
         return len(self.input_ids) - self.n_context
+
+    @property
+    def answer_ids(self) -> tuple[int, ...]:
+        """The continuation's tokens (those that carry a loss or a score)."""
+        return self.input_ids[self.n_context :]
 
 
 def encode_pair(
@@ -56,15 +68,35 @@ def encode_pair(
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         whole, n_context = [prefix, *whole], 1
     if n_context >= len(whole):
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens after its context")
+        raise EncodingError(f"continuation {continuation!r} encodes to no tokens after its context")
     if max_length is not None and len(whole) > max_length:
         cut = len(whole) - max_length
         if cut >= n_context:
-            raise ValueError(
-                f"continuation of {len(whole) - n_context} tokens does not fit max_length={max_length}"
+            raise EncodingError(
+                f"continuation of {len(whole) - n_context} tokens does not fit max_length={max_length} "
+                "(train.max_length)"
             )
         whole, n_context = whole[cut:], n_context - cut
     return Encoded(tuple(int(t) for t in whole), n_context)
+
+
+def encode_sft(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[MCRequest], *, add_bos: bool, max_length: int
+) -> list[Encoded]:
+    """Training sequences: each question's context followed by its gold continuation."""
+    return [
+        encode_pair(tokenizer, r.context, r.continuations[r.gold], add_bos=add_bos, max_length=max_length)
+        for r in requests
+    ]
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else 0.
+
+    Padded positions are masked out of attention and never carry a target, so the value only
+    has to be a valid id; `load_tokenizer` sets the pad token to EOS where a tokenizer has none.
+    """
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
 
 
 @dataclass

@@ -8,6 +8,8 @@ positions are gathered, and only those rows go through the head.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
@@ -17,7 +19,7 @@ from fedcollm.lm.encoding import Batch
 
 
 def _causal_lm(model: PeftModel | PreTrainedModel) -> PreTrainedModel:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return cast(PreTrainedModel, model.get_base_model()) if isinstance(model, PeftModel) else model
 
 
 def target_logits(model: PeftModel | PreTrainedModel, batch: Batch) -> torch.Tensor:

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from fedcollm.algorithms.base import (
-    Algorithm,
-    llm_sft,
-    register,
-)
-from fedcollm.lm.models import Arrays
-from fedcollm.parties.runtime import (
-    ClientReply,
-    ClientRuntime,
-    Metric,
-    Payload,
-    Reporter,
-    ServerRuntime,
-    encode_sft,
-)
+from fedcollm.algorithms.base import Algorithm
+from fedcollm.algorithms.registry import register
+from fedcollm.algorithms.steps import llm_sft
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter
 
 
 @register
@@ -47,7 +38,7 @@ class Centralized(Algorithm):
         llm = server.model("llm")
         if "union" not in server.state:
             requests = server.data.requests(config)  # every training question: all shards + aux
-            server.state["union"] = encode_sft(llm, requests, config.train.max_length)
+            server.state["union"] = llm.encode_sft(requests, config.train.max_length)
         union = server.state["union"]
         reporter.phase(f"round {rnd} · centralized training on {len(union)} examples")
         result = llm_sft(config, llm, union, rnd, reporter)

@@ -5,9 +5,12 @@ The paper's FedAvg baseline, and the base class of FedCoLLM, which adds only a s
 
 from __future__ import annotations
 
-from fedcollm.algorithms.base import Algorithm, register, train_client_adapter
-from fedcollm.lm.models import Arrays
-from fedcollm.parties.runtime import ClientReply, ClientRuntime, Metric, Payload, Reporter, ServerRuntime
+from fedcollm.algorithms.base import Algorithm
+from fedcollm.algorithms.registry import register
+from fedcollm.algorithms.steps import train_client_adapter
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter
 
 
 @register
@@ -19,7 +22,7 @@ class FedAvg(Algorithm):
     def client_fit(
         self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
     ) -> ClientReply:
-        return train_client_adapter(self, client, payload, rnd, reporter)
+        return train_client_adapter(self.config, client, payload, rnd, reporter)
 
     def server_update(
         self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter

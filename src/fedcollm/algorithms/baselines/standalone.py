@@ -4,22 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedcollm.algorithms.base import (
-    Algorithm,
-    evaluate_role,
-    mean_over_clients,
-    register,
-    train_client_adapter,
-)
-from fedcollm.lm.models import Arrays, get_adapter
-from fedcollm.parties.runtime import (
-    ClientReply,
-    ClientRuntime,
-    Metric,
-    Payload,
-    Reporter,
-    ServerRuntime,
-)
+from fedcollm.algorithms.base import Algorithm
+from fedcollm.algorithms.registry import register
+from fedcollm.algorithms.steps import evaluate_role, mean_over_clients, train_client_adapter
+from fedcollm.errors import RoundError
+from fedcollm.lm.lora import get_adapter
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter
 
 
 @register
@@ -35,7 +27,7 @@ class Standalone(Algorithm):
     server_state_keys = ("client_adapters",)
     client_state_keys = ("adapter",)
 
-    def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
+    def configure_fit(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> Payload:
         # Round 1 starts every client from the same initial adapter; afterwards each continues its own.
         return Payload(arrays=self.to_wire(server.global_adapter) if rnd == 1 else {}, config={"round": rnd})
 
@@ -44,8 +36,11 @@ class Standalone(Algorithm):
     ) -> ClientReply:
         start = client.state.get("adapter", payload.arrays)
         if not start:
-            raise RuntimeError(f"client {client.client_id} lost its standalone adapter between rounds")
-        reply = train_client_adapter(self, client, Payload(start, payload.config), rnd, reporter)
+            raise RoundError(
+                f"client {client.client_id} lost its standalone adapter between rounds (a restarted "
+                "SuperNode?)"
+            )
+        reply = train_client_adapter(self.config, client, Payload(start, payload.config), rnd, reporter)
         # The client keeps its own adapter in float32; only the upload travels in the transport dtype.
         client.state["adapter"] = get_adapter(client.slm.model)
         return reply
@@ -65,5 +60,5 @@ class Standalone(Algorithm):
             return super().evaluate(server, rnd, reporter)
         metrics: list[Metric] = []
         for client, adapter in sorted(adapters.items()):
-            metrics += evaluate_role(self, server, "slm", rnd, reporter, adapter, client=client)
+            metrics += evaluate_role(self.config, server, "slm", rnd, reporter, adapter, client=client)
         return metrics + mean_over_clients(metrics, rnd)

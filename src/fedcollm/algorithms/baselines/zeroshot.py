@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from fedcollm.algorithms.base import (
-    Algorithm,
-    register,
-)
-from fedcollm.lm.models import Arrays
-from fedcollm.parties.runtime import (
-    ClientReply,
-    ClientRuntime,
-    Metric,
-    Payload,
-    Reporter,
-    ServerRuntime,
-)
+from fedcollm.algorithms.base import Algorithm
+from fedcollm.algorithms.registry import register
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter
 
 
 @register

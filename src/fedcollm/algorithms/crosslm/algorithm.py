@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcollm.algorithms.base import Algorithm, client_sft, evaluate_role, llm_sft, register
+from fedcollm.algorithms.base import Algorithm
 from fedcollm.algorithms.crosslm.synthetic import (
     OK,
     STATUSES,
@@ -48,8 +48,11 @@ from fedcollm.algorithms.crosslm.synthetic import (
     unpack_questions,
     write_jsonl,
 )
+from fedcollm.algorithms.registry import register
+from fedcollm.algorithms.steps import client_sft, evaluate_role, llm_sft
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCQuestion, load_questions, render, sample_indices
+from fedcollm.errors import RoundError
 from fedcollm.evaluation.multiple_choice import (
     EncodedRequests,
     encode_requests,
@@ -58,18 +61,11 @@ from fedcollm.evaluation.multiple_choice import (
 )
 from fedcollm.federation.robust import Rejection, check_upload
 from fedcollm.lm.encoding import Encoded, encode_pair
-from fedcollm.lm.models import Arrays, LoadedModel, get_adapter, set_adapter
-from fedcollm.parties.runtime import (
-    ClientReply,
-    ClientRuntime,
-    Metric,
-    Payload,
-    Reporter,
-    ServerRuntime,
-    derive_seed,
-    encode_sft,
-    pad_id,
-)
+from fedcollm.lm.lora import get_adapter, set_adapter
+from fedcollm.lm.models import LoadedModel
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, derive_seed
 
 CANDIDATES = "crosslm.candidates"
 """Payload arrays: this round's candidates, which every client scores."""
@@ -79,7 +75,6 @@ FEEDBACK = "crosslm.feedback"
 """Reply array: [1, s_1, ..., s_n]; the leading 1 must average to 1 (a check on the aggregate)."""
 _PREFIX = "crosslm."
 _CHECK_TOLERANCE = 1e-3
-_REPORTER = "crosslm.reporter"
 
 
 def feedback_weights(scores: np.ndarray, num_choices: np.ndarray | int, threshold: float) -> np.ndarray:
@@ -119,7 +114,7 @@ def choice_probabilities(
         return np.zeros(0, dtype=np.float64)
     requests = [render(task, q, fmt) for q in questions]
     encoded = encode_requests(lm.tokenizer, requests, add_bos=lm.add_bos, max_length=max_length)
-    lls = sequence_loglikelihoods(lm.model, encoded.sequences, pad_id(lm), batch_size)
+    lls = sequence_loglikelihoods(lm.model, encoded.sequences, lm.pad_id, batch_size)
     question_of = np.asarray(encoded.question_of)
     out = np.zeros(len(questions), dtype=np.float64)
     for i, q in enumerate(questions):
@@ -152,20 +147,19 @@ class CrossLM(Algorithm):
     server_state_keys = ("selected", "llm_version")
     client_state_keys = ("adapter",)
 
-    def __init__(self, config: ExperimentConfig) -> None:
-        super().__init__(config)
-        cfg = config.crosslm
-        if config.llm is None:
-            raise ValueError("CrossLM needs an [llm] section (the server's LLM generates the data)")
-        if config.task.aux_fraction <= 0 and cfg.shots > 0:
-            raise ValueError(
-                "CrossLM takes its demonstrations from the server's auxiliary set: set "
-                "task.aux_fraction > 0 (or crosslm.shots = 0)"
-            )
-        if cfg.heldout_task == config.task.name:
-            raise ValueError(
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> list[str]:
+        problems = super().check_config(config)
+        if config.crosslm.heldout_task == config.task.name:
+            problems.append(
                 f"crosslm.heldout_task must differ from the task the LLM trains on ({config.task.name!r})"
             )
+        return problems
+
+    @classmethod
+    def needs_auxiliary_set(cls, config: ExperimentConfig) -> bool:
+        """The generation prompts' demonstrations come from the auxiliary set (unless shots = 0)."""
+        return config.crosslm.shots > 0
 
     def num_rounds(self) -> int:
         """T rounds, plus the closing round in which the SLMs train on the last selected set."""
@@ -187,9 +181,9 @@ class CrossLM(Algorithm):
 
     # ------------------------------------------------------------------ server: generation
 
-    def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
+    def configure_fit(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> Payload:
         """Generate this round's candidates; send them with last round's selection."""
-        generated = self._generate(server, rnd)
+        generated = self._generate(server, rnd, reporter)
         server.state.setdefault("generated", {})[rnd] = generated
         valid = [r.question for r in generated.valid if r.question is not None]
         selected: list[MCQuestion] = server.state.get("selected", [])
@@ -197,7 +191,7 @@ class CrossLM(Algorithm):
         arrays |= pack_questions(valid, CANDIDATES) | pack_questions(selected, SYNTHETIC)
         return Payload(arrays, {"round": rnd, "candidates": len(valid), "synthetic": len(selected)})
 
-    def _generate(self, server: ServerRuntime, rnd: int) -> RoundData:
+    def _generate(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> RoundData:
         config, cfg = self.config, self.config.crosslm
         llm = server.model("llm")
         pool = [server.data.train[i] for i in server.data.split.aux]
@@ -216,8 +210,6 @@ class CrossLM(Algorithm):
             max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.generation_batch_size,
         )
-        # `configure_fit` gets no reporter: reuse the one the loop passed to the previous hook.
-        reporter: Reporter = server.state.get(_REPORTER) or Reporter()
         reporter.phase(f"round {rnd} · {llm.name} writing {cfg.num_candidates} candidate examples")
         generations = generate_texts(
             llm.model,
@@ -264,7 +256,10 @@ class CrossLM(Algorithm):
         initial = {k: v for k, v in payload.arrays.items() if not k.startswith(_PREFIX)}
         start = client.state.get("adapter", initial)
         if not start:
-            raise RuntimeError(f"client {client.client_id} has no SLM adapter to continue from")
+            raise RoundError(
+                f"client {client.client_id} has no SLM adapter to continue from (its state between "
+                "rounds was lost: a restarted SuperNode?)"
+            )
         set_adapter(client.slm.model, start)
         synthetic = unpack_questions(payload.arrays, SYNTHETIC)
         examples = list(client.train) + self._encode_questions(client.slm, synthetic)
@@ -299,7 +294,7 @@ class CrossLM(Algorithm):
     def _encode_questions(self, lm: LoadedModel, questions: Sequence[MCQuestion]) -> list[Encoded]:
         config = self.config
         requests = [render(config.task.name, q, config.task.format) for q in questions]
-        return encode_sft(lm, requests, config.train.max_length)
+        return lm.encode_sft(requests, config.train.max_length)
 
     # ------------------------------------------------------------------ server: feedback, LLM update
 
@@ -308,7 +303,6 @@ class CrossLM(Algorithm):
     ) -> list[Metric]:
         """Weigh the candidates by the mean feedback, train the LLM, select S_t, save the round."""
         cfg = self.config.crosslm
-        server.state[_REPORTER] = reporter
         generated: RoundData = server.state["generated"].pop(rnd)
         valid = generated.valid
         scores = self._scores(aggregate, len(valid), rnd)
@@ -345,9 +339,9 @@ class CrossLM(Algorithm):
     def _scores(self, aggregate: Arrays, n: int, rnd: int) -> np.ndarray:
         feedback = np.asarray(aggregate.get(FEEDBACK, np.ones(1)), dtype=np.float64)
         if feedback.shape != (n + 1,):
-            raise ValueError(f"round {rnd}: feedback for {feedback.size - 1} candidates, expected {n}")
+            raise RoundError(f"round {rnd}: feedback for {feedback.size - 1} candidates, expected {n}")
         if abs(feedback[0] - 1.0) > _CHECK_TOLERANCE:
-            raise ValueError(
+            raise RoundError(
                 f"round {rnd}: the aggregated feedback check is {feedback[0]:.6f}, not 1: the mean is not "
                 "a weighted mean of the clients' scores (aggregation or quantisation error)"
             )
@@ -413,14 +407,15 @@ class CrossLM(Algorithm):
 
     def evaluate(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> list[Metric]:
         """The LLM on the target task and on the held-out task (reused while the LLM is unchanged)."""
-        server.state[_REPORTER] = reporter
         if "llm" not in self.eval_roles(server):
             return []
         version = server.state.get("llm_version", 0)
         cached = server.state.get("llm_eval")
         if cached is not None and cached[0] == version:
             return [Metric(rnd, m.role, m.client, m.metric, m.value) for m in cached[1]]
-        metrics = evaluate_role(self, server, "llm", rnd, reporter) + self._heldout(server, rnd, reporter)
+        metrics = evaluate_role(self.config, server, "llm", rnd, reporter) + self._heldout(
+            server, rnd, reporter
+        )
         server.state["llm_eval"] = (version, tuple(metrics))
         return metrics
 

@@ -22,7 +22,7 @@ import string
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.data import MCQuestion
+from fedcollm.lm.encoding import pad_id
 
 LETTERS = string.ascii_uppercase
 QUESTION_TAG = "Question:"
@@ -264,7 +265,7 @@ class _BlockEnd(StoppingCriteria):
     ) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
         done = [any(t in text for t in TERMINATORS) for text in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
 
 def _eos_ids(model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -293,7 +294,7 @@ def generate_texts(
     """Sample one continuation per prompt, batched with left padding; seeded, so reproducible."""
     was_training = model.training
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     torch.manual_seed(seed)
     out: list[Generation] = []
@@ -309,7 +310,10 @@ def generate_texts(
         attention = torch.tensor(
             [[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded], dtype=torch.long
         )
-        sequences = model.generate(
+        # peft forwards `generate` to the base model, and transformers types it with a self type
+        # of its own; neither spelling type-checks, so the call is left untyped.
+        generator: Any = model
+        sequences = generator.generate(
             input_ids=input_ids,
             attention_mask=attention,
             do_sample=True,
@@ -324,7 +328,7 @@ def generate_texts(
             hit_eos = any(t in eos for t in row)
             if hit_eos:
                 row = row[: next(i for i, t in enumerate(row) if t in eos)]
-            text = tokenizer.decode(row, skip_special_tokens=True)
+            text = str(tokenizer.decode(row, skip_special_tokens=True))
             out.append(Generation(text, finished=hit_eos or _cut_block(text)[1]))
         if on_batch is not None:
             on_batch(b + 1, total)

@@ -1,15 +1,21 @@
 """FedCoLLM (Fan et al., 2024), Algorithm 1: FedAvg of SLM adapters, then server-side mutual
 distillation between the LLM and the aggregated SLM on the auxiliary set (Eq. 4-6).
+
+The client step and the aggregation are FedAvg's; the server step is `mutual_distill`
+(`fedcollm.algorithms.fedcollm.distillation`), whose distilled SLM adapter is what the next
+round broadcasts.
 """
 
 from __future__ import annotations
 
-from fedcollm.algorithms.base import register
 from fedcollm.algorithms.baselines.fedavg import FedAvg
-from fedcollm.align.bridge import TokenBridge
-from fedcollm.lm.models import Arrays, get_adapter, set_adapter
-from fedcollm.parties.runtime import Metric, Reporter, ServerRuntime, derive_seed, encode_sft, pad_id
-from fedcollm.training.distill import mutual_distill, same_tokenizer
+from fedcollm.algorithms.fedcollm.distillation import mutual_distill
+from fedcollm.algorithms.registry import register
+from fedcollm.config import ExperimentConfig
+from fedcollm.errors import FedcollmError
+from fedcollm.lm.lora import get_adapter, set_adapter
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, Metric, Reporter, derive_seed
 
 
 @register
@@ -19,24 +25,30 @@ class FedCoLLM(FedAvg):
     name = "fedcollm"
     uses_llm = True
 
+    @classmethod
+    def needs_auxiliary_set(cls, config: ExperimentConfig) -> bool:
+        return True
+
     def server_update(
         self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
     ) -> list[Metric]:
         config = self.config
         llm, slm = server.model("llm"), server.slm
-        assert config.llm is not None
-        if not server.aux_requests:
-            raise ValueError("FedCoLLM needs an auxiliary set on the server: set task.aux_fraction > 0")
+        if config.llm is None or not server.aux_requests:
+            raise FedcollmError("FedCoLLM needs an LLM and an auxiliary set (Algorithm.check_config)")
         if "aux" not in server.state:
             max_length = config.train.max_length
             server.state["aux"] = (
-                encode_sft(llm, server.aux_requests, max_length),
-                encode_sft(slm, server.aux_requests, max_length),
+                llm.encode_sft(server.aux_requests, max_length),
+                slm.encode_sft(server.aux_requests, max_length),
             )
-            if not same_tokenizer(llm.tokenizer, slm.tokenizer):
-                reporter.phase(f"aligning vocabularies of {llm.name} and {slm.name} (MinED, cached)")
-                to_slm = TokenBridge.build(llm.tokenizer, slm.tokenizer)
-                server.state["bridges"] = (to_slm, to_slm.reversed())
+        if "bridges" not in server.state:
+            reporter.phase(
+                f"token bridge between {llm.name} and {slm.name} (MinED where they differ, cached)"
+            )
+            to_slm = server.resources.bridge(llm.name, slm.name)
+            to_llm = server.resources.bridge(slm.name, llm.name)
+            server.state["bridges"] = None if to_slm is None or to_llm is None else (to_slm, to_llm)
         llm_examples, slm_examples = server.state["aux"]
         set_adapter(slm.model, aggregate)
         reporter.phase(f"round {rnd} · server distillation ({len(server.aux_requests)} examples)")
@@ -45,14 +57,14 @@ class FedCoLLM(FedAvg):
             slm.model,
             llm_examples,
             slm_examples,
-            llm_pad_id=pad_id(llm),
-            slm_pad_id=pad_id(slm),
+            llm_pad_id=llm.pad_id,
+            slm_pad_id=slm.pad_id,
             llm_lr=config.llm.lr,
             slm_lr=config.slm.lr,
             cfg=config.distill,
             train_cfg=config.train,
             seed=derive_seed(config.seed, rnd, 1),
-            bridges=server.state.get("bridges"),
+            bridges=server.state["bridges"],
             on_step=reporter.step_callback(),
         )
         server.global_adapter = get_adapter(slm.model)

@@ -26,44 +26,35 @@ the same SLM): each keeps its adapter in `client.state["adapter"]` and evaluates
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fedcollm.algorithms.base import Algorithm, client_sft, register
+from fedcollm.algorithms.base import Algorithm
 from fedcollm.algorithms.fedmkt.knowledge import (
     KnowledgeError,
     KnowledgeSet,
     align_knowledge,
     compute_knowledge,
-    dense_reference_bytes,
     dual_min_ce,
     select_teachers,
     train_with_knowledge,
     validate_knowledge,
 )
-from fedcollm.align.bridge import TokenBridge
+from fedcollm.algorithms.fedmkt.report import knowledge_traffic, results_lines, round_traffic, traffic_metrics
+from fedcollm.algorithms.registry import register
+from fedcollm.algorithms.steps import client_sft
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCRequest
+from fedcollm.errors import RoundError
 from fedcollm.federation.aggregate import weighted_mean
 from fedcollm.federation.robust import Rejection
 from fedcollm.lm.encoding import Encoded, encode_pair
-from fedcollm.lm.models import Arrays, get_adapter, load_tokenizer, set_adapter
-from fedcollm.parties.runtime import (
-    ClientReply,
-    ClientRuntime,
-    ExperimentData,
-    Metric,
-    Payload,
-    Reporter,
-    ServerRuntime,
-    derive_seed,
-    encode_sft,
-    pad_id,
-)
-from fedcollm.training.distill import same_tokenizer
+from fedcollm.lm.lora import get_adapter, set_adapter
+from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, derive_seed
 
 UP = "knowledge."
 """Prefix of a client's knowledge set in its reply."""
@@ -73,45 +64,8 @@ ADAPTER = "adapter."
 """Prefix of adapters when homogeneous clients also FedAvg them."""
 
 
-class FedMKTError(RuntimeError):
+class FedMKTError(RoundError):
     """A FedMKT round that cannot go on (e.g. every client's upload was rejected)."""
-
-
-# Per-process caches: tokenizers and vocabulary bridges by model name, the public set by experiment,
-# and each loaded SLM's initial adapter (clients of one model share the loaded copy).
-_TOKENIZERS: dict[str, Any] = {}
-_BRIDGES: dict[tuple[str, str], TokenBridge | None] = {}
-_PUBLIC: dict[str, list[MCRequest]] = {}
-_INITIAL: weakref.WeakKeyDictionary[Any, Arrays] = weakref.WeakKeyDictionary()
-
-
-def _tokenizer(name: str) -> Any:
-    if name not in _TOKENIZERS:
-        _TOKENIZERS[name] = load_tokenizer(name)
-    return _TOKENIZERS[name]
-
-
-def bridge_between(src_name: str, src_tok: Any, dst_name: str, dst_tok: Any) -> TokenBridge | None:
-    """The MinED bridge src -> dst (built once per pair and process; None if they tokenise alike)."""
-    key = (src_name, dst_name)
-    if key not in _BRIDGES:
-        if src_name == dst_name or same_tokenizer(src_tok, dst_tok):
-            _BRIDGES[key] = _BRIDGES[(dst_name, src_name)] = None
-        elif (dst_name, src_name) in _BRIDGES:
-            other = _BRIDGES[(dst_name, src_name)]
-            _BRIDGES[key] = other.reversed() if other is not None else None
-        else:
-            _BRIDGES[key] = TokenBridge.build(src_tok, dst_tok)
-    return _BRIDGES[key]
-
-
-def public_requests(config: ExperimentConfig) -> list[MCRequest]:
-    """The public set D_p: the server's auxiliary questions, which every party can rebuild."""
-    key = config.to_toml()
-    if key not in _PUBLIC:
-        _PUBLIC.clear()
-        _PUBLIC[key] = ExperimentData.load(config).aux_requests(config)
-    return _PUBLIC[key]
 
 
 def encode_answers(tokenizer: Any, requests: Sequence[MCRequest], max_length: int) -> list[Encoded]:
@@ -144,20 +98,22 @@ class FedMKT(Algorithm):
     server_state_keys = ("own_loss", "server_knowledge", "adapter_avg", "llm_version", "knowledge_rounds")
     client_state_keys = ("adapter", "own_loss")
 
-    def __init__(self, config: ExperimentConfig) -> None:
-        super().__init__(config)
-        if config.llm is None:
-            raise ValueError("FedMKT needs an [llm] section (the server's LLM)")
-        if config.task.aux_fraction <= 0:
-            raise ValueError("FedMKT needs a public set: set task.aux_fraction > 0")
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> list[str]:
+        problems = super().check_config(config)
         names = {
             config.federation.client_model(k, config.slm.name) for k in range(config.federation.num_clients)
         }
         if config.fedmkt.fedavg_homogeneous and len(names) > 1:
-            raise ValueError(
-                "fedmkt.fedavg_homogeneous needs every client on the same SLM, but clients run "
-                + ", ".join(sorted(names))
+            problems.append(
+                "fedmkt.fedavg_homogeneous needs every client on the same SLM, but "
+                "federation.client_models runs " + ", ".join(sorted(names))
             )
+        return problems
+
+    @classmethod
+    def needs_auxiliary_set(cls, config: ExperimentConfig) -> bool:
+        return True  # the public set D_p
 
     def num_rounds(self) -> int:
         """T rounds plus one client-only exchange in which clients consume the last S_0."""
@@ -170,17 +126,13 @@ class FedMKT(Algorithm):
 
     def _own_adapter(self, client: ClientRuntime) -> Arrays:
         """This client's adapter: kept across rounds, else its model's initial adapter."""
-        if "adapter" in client.state:
-            return client.state["adapter"]
-        model = client.slm.model
-        if model not in _INITIAL:
-            _INITIAL[model] = get_adapter(model)
-        return _INITIAL[model]
+        adapter: Arrays = client.state.get("adapter", client.slm.initial_adapter)
+        return adapter
 
     def _client_public(self, client: ClientRuntime) -> list[Encoded]:
         if "public" not in client.state:
-            client.state["public"] = encode_sft(
-                client.slm, public_requests(self.config), self.config.train.max_length
+            client.state["public"] = client.slm.encode_sft(
+                client.public_requests, self.config.train.max_length
             )
         return client.state["public"]
 
@@ -190,7 +142,7 @@ class FedMKT(Algorithm):
         return compute_knowledge(
             client.slm.model,
             public,
-            pad_id=pad_id(client.slm),
+            pad_id=client.slm.pad_id,
             top_k=self.config.fedmkt.top_k,
             batch_size=self.config.eval.batch_size,
             vocab_size=min(vocab_size(client.slm.tokenizer), logit_width(client.slm.model)),
@@ -205,8 +157,8 @@ class FedMKT(Algorithm):
         config, mkt = self.config, self.config.fedmkt
         assert config.llm is not None
         llm_name = config.llm.name
-        llm_tok = _tokenizer(llm_name)
-        requests = public_requests(config)
+        llm_tok = client.resources.tokenizer(llm_name)
+        requests = client.public_requests
         server_set = KnowledgeSet.unpack(payload.arrays, DOWN, who="the server")
         server_public = encode_answers(llm_tok, requests, config.train.max_length)
         validate_knowledge(
@@ -223,7 +175,7 @@ class FedMKT(Algorithm):
         else:
             own_loss = client.state["own_loss"]["loss"]
         reporter.phase(f"round {rnd} · client {client.client_id} aligning the server's knowledge")
-        bridge = bridge_between(llm_name, llm_tok, client.slm.name, client.slm.tokenizer)
+        bridge = client.resources.bridge(llm_name, client.slm.name)
         aligned = align_knowledge(
             server_set, server_public, public, bridge, dst_vocab_size=logit_width(client.slm.model)
         )
@@ -233,7 +185,7 @@ class FedMKT(Algorithm):
             client.slm.model,
             public,
             select_teachers(chosen, [aligned]),
-            pad_id=pad_id(client.slm),
+            pad_id=client.slm.pad_id,
             lr=config.slm.lr,
             cfg=config.train,
             epochs=mkt.slm_epochs,
@@ -298,11 +250,11 @@ class FedMKT(Algorithm):
         cache = server.state.setdefault("public_by_model", {})
         if name not in cache:
             cache[name] = encode_answers(
-                _tokenizer(name), public_requests(self.config), self.config.train.max_length
+                server.resources.tokenizer(name), server.aux_requests, self.config.train.max_length
             )
         return cache[name]
 
-    def configure_fit(self, server: ServerRuntime, rnd: int) -> Payload:
+    def configure_fit(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> Payload:
         arrays: Arrays = {}
         if "server_knowledge" in server.state:
             arrays |= server.state["server_knowledge"]
@@ -323,7 +275,7 @@ class FedMKT(Algorithm):
         if self._final(rnd):
             server.state["uploads"], server.state["rejections"] = accepted, rejected
             return {}
-        requests = public_requests(self.config)
+        requests = server.aux_requests
         num_clients = self.config.federation.num_clients
         for reply in replies:
             who = f"client {reply.client}"
@@ -337,7 +289,7 @@ class FedMKT(Algorithm):
                     who=who,
                     num_samples=len(requests),
                     lengths=[e.n_target for e in self._public_for(server, name)],
-                    vocab_size=vocab_size(_tokenizer(name)),
+                    vocab_size=vocab_size(server.resources.tokenizer(name)),
                     max_top_k=self.config.fedmkt.top_k,
                 )
             except KnowledgeError as exc:
@@ -363,7 +315,7 @@ class FedMKT(Algorithm):
         return compute_knowledge(
             llm.model,
             public,
-            pad_id=pad_id(llm),
+            pad_id=llm.pad_id,
             top_k=top_k,
             batch_size=self.config.eval.batch_size,
             vocab_size=min(vocab_size(llm.tokenizer), logit_width(llm.model)),
@@ -389,7 +341,7 @@ class FedMKT(Algorithm):
             reasons = "; ".join(r for _, r in server.state.get("rejections", [])) or "no client replied"
             raise FedMKTError(f"FedMKT round {rnd}: no usable client knowledge set ({reasons})")
         if "public_llm" not in server.state:
-            server.state["public_llm"] = encode_sft(llm, public_requests(config), config.train.max_length)
+            server.state["public_llm"] = llm.encode_sft(server.aux_requests, config.train.max_length)
         public = server.state["public_llm"]
         if "own_loss" not in server.state:
             server.state["own_loss"] = self._llm_knowledge(server, reporter, top_k=0).loss
@@ -399,7 +351,7 @@ class FedMKT(Algorithm):
         aligned = []
         for k in clients:
             name = self._client_model(k)
-            bridge = bridge_between(name, _tokenizer(name), llm.name, llm.tokenizer)
+            bridge = server.resources.bridge(name, llm.name)
             if bridge is not None:
                 reporter.phase(f"round {rnd} · aligning client {k}'s knowledge ({name} -> {llm.name})")
             aligned.append(
@@ -413,7 +365,7 @@ class FedMKT(Algorithm):
             llm.model,
             public,
             select_teachers(chosen, aligned),
-            pad_id=pad_id(llm),
+            pad_id=llm.pad_id,
             lr=config.llm.lr,
             cfg=config.train,
             epochs=mkt.llm_epochs,
@@ -437,31 +389,12 @@ class FedMKT(Algorithm):
             Metric(rnd, "client", k, "selected_by_server", float((chosen == i).sum()))
             for i, k in enumerate(clients)
         ]
-        metrics += self._communication(server, rnd, len(uploads), server_set)
-        return metrics
-
-    def _communication(
-        self, server: ServerRuntime, rnd: int, accepted: int, server_set: KnowledgeSet
-    ) -> list[Metric]:
-        """Knowledge-set bytes this round against the paper's dense N*S*K form."""
-        config = self.config
-        n = len(server_set)
-        clients = config.federation.num_clients
-        dense = dense_reference_bytes(n, config.train.max_length, config.fedmkt.top_k)
-        entry = {
-            "round": rnd,
-            "up_sets": accepted,
-            "up_bytes": server.state.get("round_up_bytes", 0),
-            "down_bytes_per_client": server_set.nbytes,
-            "down_bytes": server_set.nbytes * clients,
-            "dense_bytes_per_set": dense,
-        }
+        entry = round_traffic(
+            self.config, rnd, len(uploads), server.state.get("round_up_bytes", 0), server_set
+        )
         server.state.setdefault("knowledge_rounds", []).append(entry)
-        return [
-            Metric(rnd, "server", None, "knowledge_up_bytes", float(entry["up_bytes"])),
-            Metric(rnd, "server", None, "knowledge_down_bytes", float(entry["down_bytes"])),
-            Metric(rnd, "server", None, "knowledge_dense_bytes_per_set", float(dense)),
-        ]
+        metrics += traffic_metrics(entry)
+        return metrics
 
     # ------------------------------------------------------------------ evaluation and report
 
@@ -480,90 +413,10 @@ class FedMKT(Algorithm):
 
     def communication_extra(self, server: ServerRuntime) -> dict[str, Any]:
         """Knowledge-set traffic against the paper's N*S*K, for communication.json."""
-        config = self.config
-        rounds = server.state.get("knowledge_rounds", [])
-        n = len(public_requests(config))
         public = server.state.get("public_llm", [])
-        sets = sum(r["up_sets"] for r in rounds) + sum(config.federation.num_clients for _ in rounds)
-        sent = sum(r["up_bytes"] + r["down_bytes"] for r in rounds)
-        dense = sets * dense_reference_bytes(n, config.train.max_length, config.fedmkt.top_k)
-        mean_len = float(np.mean([len(e.input_ids) for e in public])) if public else 0.0
-        all_positions = sets * round(n * mean_len) * config.fedmkt.top_k * 8
-        return {
-            "knowledge": {
-                "formula": "paper: N*S*K entries per knowledge set (N samples, S positions, K logits)",
-                "public_samples_N": n,
-                "sequence_length_S": config.train.max_length,
-                "top_k_K": config.fedmkt.top_k,
-                "dense_entry_bytes": 8,
-                "dense_entry": "float32 logit + int32 id",
-                "compact_form": (
-                    "only answer positions; ids int32, values float16; loss float32, lengths int32"
-                ),
-                "sets_sent": sets,
-                "bytes_sent": sent,
-                "dense_bytes_N_S_K": dense,
-                "dense_bytes_actual_lengths": all_positions,
-                "saving_vs_N_S_K_percent": 100.0 * (1 - sent / dense) if dense else None,
-                "saving_vs_actual_lengths_percent": 100.0 * (1 - sent / all_positions)
-                if all_positions
-                else None,
-                "mean_sequence_length": mean_len,
-                "rounds": rounds,
-            }
-        }
+        rounds = server.state.get("knowledge_rounds", [])
+        return {"knowledge": knowledge_traffic(self.config, rounds, len(server.aux_requests), public)}
 
     def results_extra(self, metrics: Sequence[Metric], communication: dict[str, Any]) -> list[str]:
         """Per-client SLM accuracy before/after and the knowledge-set traffic, for results.md."""
-        lines: list[str] = [""]
-        if not self.config.fedmkt.fedavg_homogeneous:
-            lines += [
-                "FedMKT sends no adapters (the line above gives the SLM adapter's size only); clients and "
-                "server exchange knowledge sets.",
-                "",
-            ]
-        evaluated = sorted({m.round for m in metrics if m.metric == "acc" and m.role == "slm"})
-        if evaluated:
-            first, last = evaluated[0], evaluated[-1]
-            lines += [
-                "Clients' own SLMs (FedMKT never averages them; the SLM row above is their mean):",
-                "",
-                "| client | model | acc before | acc after | acc_norm before | acc_norm after |",
-                "|---|---|---|---|---|---|",
-            ]
-            for k in range(self.config.federation.num_clients):
-                cells = []
-                for key in ("acc", "acc_norm"):
-                    for rnd in (first, last):
-                        value = next(
-                            (
-                                m.value
-                                for m in metrics
-                                if m.role == "slm" and m.client == k and m.round == rnd and m.metric == key
-                            ),
-                            None,
-                        )
-                        cells.append("-" if value is None else f"{100 * value:.1f}")
-                lines.append(f"| {k} | {self._client_model(k)} | {' | '.join(cells)} |")
-            lines.append("")
-        rejected = [m for m in metrics if m.metric == "rejected"]
-        if rejected:
-            lines += [
-                f"Rejected uploads: {', '.join(f'client {m.client} (round {m.round})' for m in rejected)}.",
-                "",
-            ]
-        knowledge = communication.get("knowledge")
-        if knowledge and knowledge["sets_sent"]:
-            lines += [
-                f"Knowledge sets: {knowledge['sets_sent']} sent, "
-                f"{knowledge['bytes_sent'] / 1e6:.2f} MB in the "
-                f"compact form (answer positions only, int32 ids, float16 logits) vs "
-                f"{knowledge['dense_bytes_N_S_K'] / 1e6:.1f} MB as the paper's N·S·K "
-                f"(N={knowledge['public_samples_N']}, S={knowledge['sequence_length_S']}, "
-                f"K={knowledge['top_k_K']}, 8 B per entry): "
-                f"{knowledge['saving_vs_N_S_K_percent']:.2f}% saved "
-                f"({knowledge['saving_vs_actual_lengths_percent']:.2f}% vs every position of the "
-                "actual sequences).",
-                "",
-            ]
-        return lines
+        return results_lines(self.config, metrics, communication)

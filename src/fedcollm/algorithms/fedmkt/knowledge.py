@@ -23,17 +23,18 @@ from peft import PeftModel
 
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import TrainConfig
+from fedcollm.errors import FedcollmError
 from fedcollm.lm.encoding import Encoded, batches, collate
 from fedcollm.lm.logits import answer_cross_entropy, per_sequence_sum, target_logits
-from fedcollm.training.distill import kd_loss_sparse
-from fedcollm.training.sft import optimise
+from fedcollm.protocol import Arrays, StepCallback
+from fedcollm.training.kd import kd_loss_sparse
+from fedcollm.training.optimise import optimise
 
-Arrays = dict[str, np.ndarray]
 KEYS = ("loss", "lengths", "ids", "values")
 """The four arrays of a packed knowledge set."""
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(FedcollmError, ValueError):
     """A knowledge set that cannot be used; the message names its sender and what is wrong."""
 
 
@@ -245,7 +246,9 @@ def align_knowledge(
         out_ids, out_vals = [], []
         for i, (src, dst) in enumerate(zip(src_examples, dst_examples, strict=True)):
             rows = slice(offsets[i], offsets[i + 1])
-            mapped_ids, mapped_vals = bridge.transfer(src, dst, knowledge.ids[rows], values[rows])
+            mapped_ids, mapped_vals = bridge.transfer(
+                src.answer_ids, dst.answer_ids, knowledge.ids[rows], values[rows]
+            )
             out_ids.append(mapped_ids)
             out_vals.append(mapped_vals.astype(np.float32))
         ids = np.concatenate(out_ids) if out_ids else np.zeros((0, knowledge.top_k), np.int64)
@@ -309,7 +312,7 @@ def train_with_knowledge(
     ce_weight: float,
     temperature: float,
     seed: int,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: StepCallback | None = None,
 ) -> KnowledgeTrainResult:
     """Train the adapter with lambda*CE (every example) + (1-lambda)*KD (examples with a teacher).
 

@@ -12,9 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fedcollm.errors import FedcollmError
 
-class FlowerEngineError(RuntimeError):
+
+class FlowerEngineError(FedcollmError, RuntimeError):
     """The Flower engine cannot continue; the message says why and what to change."""
+
+
+class FlowerOptionsError(FedcollmError, ValueError):
+    """A Flower engine option (run config key) with a value the engine cannot use."""
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,13 @@ class FlowerOptions:
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
-            raise ValueError("min_clients must be at least 1")
+            raise FlowerOptionsError("min-clients must be at least 1")
         if self.secagg and self.min_clients < 2:
-            raise ValueError("SecAgg+ needs at least 2 clients per round: set min-clients >= 2")
+            raise FlowerOptionsError("SecAgg+ needs at least 2 clients per round: set min-clients >= 2")
         if not 0 < self.secagg_tolerance < 1:
-            raise ValueError("secagg-tolerance must be in (0, 1)")
+            raise FlowerOptionsError("secagg-tolerance must be in (0, 1)")
         if self.secagg_modulus_range > 2**32 or bin(self.secagg_modulus_range).count("1") != 1:
-            raise ValueError("secagg-modulus-range must be a power of two no larger than 2**32")
+            raise FlowerOptionsError("secagg-modulus-range must be a power of two no larger than 2**32")
         for name in (
             "secagg_clipping_range",
             "secagg_max_weight",
@@ -68,7 +74,7 @@ class FlowerOptions:
             "secagg_quantization_range",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(f"{run_config_key(name)} must not be negative")
+                raise FlowerOptionsError(f"{run_config_key(name)} must not be negative")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], **defaults: Any) -> FlowerOptions:
@@ -100,5 +106,5 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
         if kind == "float":
             return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"run config {key}={value!r}: expected {kind}") from None
+        raise FlowerOptionsError(f"run config {key}={value!r}: expected {kind}") from None
     return value

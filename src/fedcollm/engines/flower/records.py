@@ -7,20 +7,21 @@ Message types (the ClientApp registers one handler per type):
 - `query.hello`  server asks a SuperNode which client (partition) it is.
 - `train.local`  one round's local update (`Payload` in, `ClientReply` out). With `hold` set the
   client keeps its adapter in its node state and replies only its example count, metrics and a
-  magnitude bound: the adapter then leaves the node only through SecAgg+.
+  magnitude bound: the adapter then leaves the node only through SecAgg+ (`secagg`).
 - `evaluate`     a client scores its own SLM (algorithms whose server never holds its adapter).
 - `train`        the SecAgg+ stages (Flower's `secaggplus_mod`), uploading the held adapter masked.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedcollm.engines.flower.options import FlowerEngineError
+from fedcollm.protocol import Arrays, Scalar
 
 HELLO = "query.hello"
 TRAIN_LOCAL = "train.local"
@@ -32,10 +33,22 @@ RUN = "fedcollm"
 REPLY_ARRAYS = "reply"
 REPLY_META = "reply.meta"
 REPLY_METRICS = "reply.metrics"
-HELD_ARRAYS = "fedcollm.held"
-HELD_META = "fedcollm.held.meta"
 
-NDArrays = dict[str, np.ndarray]
+
+def scalar(record: ConfigRecord, key: str) -> int | float | str | bool:
+    """One scalar entry of a config record (a list where a scalar belongs is a malformed message)."""
+    value = record[key]
+    if not isinstance(value, int | float | str | bool):
+        raise FlowerEngineError(f"message entry {key!r} is a {type(value).__name__}, expected a scalar")
+    return value
+
+
+def number(record: ConfigRecord, key: str) -> float:
+    """A numeric entry of a config record."""
+    value = scalar(record, key)
+    if isinstance(value, str):
+        raise FlowerEngineError(f"message entry {key!r} is text, expected a number")
+    return float(value)
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -43,7 +56,7 @@ def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
 
-def from_array_record(record: ArrayRecord) -> NDArrays:
+def from_array_record(record: ArrayRecord) -> Arrays:
     return {name: array.numpy() for name, array in record.items()}
 
 
@@ -54,8 +67,8 @@ class TrainRequest:
     rnd: int
     experiment: str
     """The resolved experiment TOML; clients rebuild their runtime from it."""
-    arrays: NDArrays
-    config: dict[str, Any] = field(default_factory=dict)
+    arrays: Arrays
+    config: dict[str, Scalar] = field(default_factory=dict)
     hold: bool = False
 
     def to_record(self) -> RecordDict:
@@ -70,12 +83,13 @@ class TrainRequest:
     @classmethod
     def from_record(cls, content: RecordDict) -> TrainRequest:
         run = content.config_records[RUN]
+        settings = content.config_records[PAYLOAD_CONFIG]
         return cls(
-            rnd=int(run["round"]),
-            experiment=str(run["experiment"]),
+            rnd=int(number(run, "round")),
+            experiment=str(scalar(run, "experiment")),
             arrays=from_array_record(content.array_records[PAYLOAD_ARRAYS]),
-            config=dict(content.config_records[PAYLOAD_CONFIG]),
-            hold=bool(run["hold"]),
+            config={key: scalar(settings, key) for key in settings},
+            hold=bool(scalar(run, "hold")),
         )
 
 
@@ -86,7 +100,7 @@ class TrainResult:
     client: int
     num_examples: int
     metrics: dict[str, float]
-    arrays: NDArrays = field(default_factory=dict)
+    arrays: Arrays = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
     bound: float = 0.0
     """A power of two strictly above the largest |value| of the held adapter (0 if not held)."""
@@ -117,23 +131,12 @@ class TrainResult:
             if REPLY_ARRAYS in content.array_records
             else {}
         )
+        names = meta.get("names")
         return cls(
-            client=int(meta["client"]),
-            num_examples=int(meta["num_examples"]),
-            metrics={k: float(v) for k, v in content.metric_records[REPLY_METRICS].items()},
+            client=int(number(meta, "client")),
+            num_examples=int(number(meta, "num_examples")),
+            metrics={k: float(v) for k, v in content.metric_records[REPLY_METRICS].items()},  # type: ignore[arg-type]
             arrays=arrays,
-            names=[str(n) for n in meta["names"]] if meta.get("names") else [],
-            bound=float(meta["bound"]),
+            names=[str(n) for n in names] if isinstance(names, list) else [],
+            bound=number(meta, "bound"),
         )
-
-
-def magnitude_bound(arrays: Mapping[str, np.ndarray]) -> float:
-    """The smallest power of two strictly greater than every |value| (>= 2**-40).
-
-    Clients report this instead of their exact maximum so the server learns only the binary
-    order of magnitude of an adapter it is not allowed to see.
-    """
-    peak = max((float(np.max(np.abs(a))) for a in arrays.values() if a.size), default=0.0)
-    if not math.isfinite(peak):
-        raise ValueError("the adapter holds NaN or infinite values; refusing to upload it")
-    return 2.0 ** max(-40, math.floor(math.log2(peak)) + 1) if peak > 0 else 2.0**-40

@@ -1,4 +1,9 @@
-"""SecAgg+ for adapter uploads: settings derived from the round, validated, and checked after.
+"""SecAgg+ for adapter uploads, both sides: settings derived, validated, run, and checked after.
+
+Everything of the Flower engine that concerns SecAgg+ is here: the settings math and error bound,
+Flower's server workflow (made to survive lost clients) and the client side, which holds its
+trained adapter in the node state until the SecAgg+ stages ask for it.
+
 
 Flower's SecAgg+ (legacy `SecAggPlusWorkflow` + client `secaggplus_mod`) sums integer vectors
 under pairwise masks; each client first multiplies its parameters by `w = n / max_weight`, clips
@@ -19,18 +24,37 @@ in Flower checks either. Here:
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from logging import WARNING, getLogger
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from logging import WARNING
+from typing import TYPE_CHECKING
 
 import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import Code, FitRes, Parameters, Status, ndarray_to_bytes
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
+from fedcollm.engines.flower import records
 from fedcollm.engines.flower.options import FlowerEngineError, FlowerOptions
+from fedcollm.protocol import Arrays
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+HELD_ARRAYS = "fedcollm.held"
+"""Node-state record of the adapter a client holds for SecAgg+ (float32, decoded from the wire)."""
+HELD_META = "fedcollm.held.meta"
+"""Node-state record of the held adapter's round and example count."""
 
 
 class SecAggSettingsError(FlowerEngineError):
     """SecAgg+ settings that would corrupt or lose the aggregate."""
+
+
+class SecAggUploadError(FlowerEngineError, ValueError):
+    """An adapter a client must not upload through SecAgg+ (e.g. NaN or infinite values)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +210,228 @@ def check_aggregate(settings: SecAggSettings, aggregate: dict[str, np.ndarray], 
     return relative
 
 
-def quiet_secagg_logs() -> None:
-    """SecAgg+ logs every stage at INFO; keep Flower's logger at WARNING unless verbose."""
-    getLogger("flwr").setLevel(WARNING)
+# ------------------------------------------------------------------------------------------
+# The server side: Flower's workflow
+
+
+def _restrict(settings: SecAggSettings, stats: list[ClientStats], kept: list[ClientStats]) -> SecAggSettings:
+    index = [stats.index(s) for s in kept]
+    return replace(
+        settings,
+        weights=tuple(settings.weights[i] for i in index),
+        exact_weights=tuple(settings.exact_weights[i] for i in index),
+        bounds=tuple(settings.bounds[i] for i in index),
+    )
+
+
+def _secaggplus_workflow() -> type:
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    class DropoutSafe(SecAggPlusWorkflow):
+        """Flower 1.41's SecAgg+ workflow, made to survive clients lost before sharing their keys.
+
+        Flower's unmask stage asks the survivors for key shares of *every* client sampled at
+        setup, so a client that died before the share-keys stage (it has no shares anywhere,
+        and nobody masked against it) makes the surviving clients fail (they hold no share of
+        it) and the round halt; and for a client lost during the upload it cancels masks
+        toward all its original neighbours, not only those that applied them. Here, once keys
+        are shared, only the clients that shared them count as sampled, each one's neighbours
+        are those that shared keys too, and a client lost during the upload has its masks
+        cancelled only toward the neighbours that uploaded. The client side is unchanged.
+        """
+
+        shared: set[int] | None = None
+
+        def _check_threshold(self, state):
+            relevant = self.shared if self.shared is not None else state.active_node_ids
+            for node in relevant:
+                if len(state.nid_to_neighbours[node] & state.active_node_ids) < state.threshold:
+                    return False
+            return True
+
+        def share_keys_stage(self, grid, context, state):
+            ok = super().share_keys_stage(grid, context, state)
+            self.shared = set(state.active_node_ids)
+            return ok and self._check_threshold(state)
+
+        def unmask_stage(self, grid, context, state):
+            shared, uploaded = self.shared or set(), state.active_node_ids
+            state.sampled_node_ids = set(shared)
+            for node in shared:
+                neighbours = state.nid_to_neighbours[node] & shared
+                if node not in uploaded:
+                    neighbours = (neighbours & uploaded) | {node}
+                state.nid_to_neighbours[node] = neighbours
+            return super().unmask_stage(grid, context, state)
+
+    return DropoutSafe
+
+
+def run_secagg(
+    grid: Grid,
+    stats: list[ClientStats],
+    settings: SecAggSettings,
+    rnd: int,
+    options: FlowerOptions,
+) -> tuple[list[np.ndarray], set[int]]:
+    """Run Flower's SecAgg+ workflow over the nodes in `stats`; return the mean and who is in it.
+
+    The clients upload the adapters they hold from `train.local`; the server-side workflow
+    unmasks only their weighted sum, divided by the sum of weights.
+    """
+    from flwr.app import ArrayRecord, Context
+    from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+    from flwr.server import ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import Strategy
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    class Capture(Strategy):
+        """Hands the workflow its clients and keeps the aggregate it unmasks."""
+
+        def __init__(self) -> None:
+            self.aggregate: list[np.ndarray] | None = None
+            self.included: set[int] = set()
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            empty = Parameters(tensors=[], tensor_type="numpy.ndarray")
+            return [
+                (GridClientProxy(s.node_id, grid, grid.run.run_id), FitIns(empty, {"round": rnd}))
+                for s in stats
+            ]
+
+        def aggregate_fit(self, server_round, results, failures):
+            if results:
+                self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+                self.included = {proxy.node_id for proxy, _ in results}
+            return None, {}
+
+        def initialize_parameters(self, client_manager):
+            return None
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            return None, {}
+
+        def evaluate(self, server_round, parameters):
+            return None
+
+    strategy = Capture()
+    base = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = LegacyContext(
+        base,
+        config=ServerConfig(num_rounds=1),
+        strategy=strategy,
+        client_manager=SimpleClientManager(),
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    workflow = _secaggplus_workflow()(
+        num_shares=settings.num_shares,
+        reconstruction_threshold=settings.threshold,
+        max_weight=settings.max_weight,
+        clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range,
+        modulus_range=settings.modulus_range,
+        timeout=options.secagg_timeout or None,
+    )
+    flwr_logger = logging.getLogger("flwr")
+    previous = flwr_logger.level
+    if not options.verbose:
+        flwr_logger.setLevel(WARNING)
+    try:
+        workflow(grid, context)
+    finally:
+        flwr_logger.setLevel(previous)
+    if strategy.aggregate is None:
+        raise FlowerEngineError(
+            f"round {rnd}: SecAgg+ halted before unmasking (too few clients left to reach the "
+            f"reconstruction threshold {settings.threshold}); lower secagg-threshold or keep "
+            "more SuperNodes running"
+        )
+    return strategy.aggregate, strategy.included
+
+
+def finish_mean(
+    settings: SecAggSettings,
+    stats: list[ClientStats],
+    included: set[int],
+    mean: list[np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    tolerance: float,
+) -> tuple[Arrays, SecAggSettings, float]:
+    """The unmasked mean as named float32 arrays, the settings of the clients in it, and its error.
+
+    With fewer clients than planned the weights (and so the error bound) change; an aggregate
+    whose relative error bound exceeds `tolerance` is refused (`check_aggregate`).
+    """
+    aggregate = {
+        name: np.asarray(array, dtype=np.float32).reshape(shape)
+        for (name, shape), array in zip(shapes.items(), mean, strict=True)
+    }
+    kept = [s for s in stats if s.node_id in included]
+    if len(kept) != len(stats):
+        settings = _restrict(settings, stats, kept)
+    return aggregate, settings, check_aggregate(settings, aggregate, tolerance)
+
+
+# ------------------------------------------------------------------------------------------
+# The client side
+
+
+def magnitude_bound(arrays: Mapping[str, np.ndarray]) -> float:
+    """The smallest power of two strictly greater than every |value| (>= 2**-40).
+
+    Clients report this instead of their exact maximum so the server learns only the binary
+    order of magnitude of an adapter it is not allowed to see.
+    """
+    peak = max((float(np.max(np.abs(a))) for a in arrays.values() if a.size), default=0.0)
+    if not math.isfinite(peak):
+        raise SecAggUploadError("the adapter holds NaN or infinite values; refusing to upload it")
+    return 2.0 ** max(-40, math.floor(math.log2(peak)) + 1) if peak > 0 else 2.0**-40
+
+
+def hold(context: Context, rnd: int, adapter: Arrays, num_examples: int) -> tuple[list[str], float]:
+    """Keep a trained adapter in the node state for SecAgg+; return its names and magnitude bound.
+
+    The adapter is held decoded from the transport dtype: SecAgg+ quantises float values itself,
+    and a bfloat16 upload is a uint16 bit pattern it must not take for numbers.
+    """
+    context.state[HELD_ARRAYS] = records.to_array_record(adapter)
+    context.state[HELD_META] = ConfigRecord({"round": rnd, "num_examples": num_examples})
+    return list(adapter), magnitude_bound(adapter)
+
+
+def masked_upload(msg: Message, context: Context) -> Message:
+    """SecAgg+'s 'collect masked vectors' stage: hand the held adapter to `secaggplus_mod` to mask.
+
+    The mod answers the other stages itself; it calls the ClientApp only to get the vector to
+    quantise and mask, so the held adapter is read here and dropped from the node state.
+    """
+    if HELD_ARRAYS not in context.state.array_records:
+        raise FlowerEngineError(
+            "SecAgg+ asked for an upload but this node holds no trained adapter (a "
+            "train.local message with hold must come first)"
+        )
+    held = records.from_array_record(context.state.array_records[HELD_ARRAYS])
+    meta = context.state.config_records[HELD_META]
+    del context.state[HELD_ARRAYS], context.state[HELD_META]
+    asked = recorddict_to_fitins(msg.content, keep_input=True).config.get("round")
+    held_round = int(records.number(meta, "round"))
+    if asked is not None and int(asked) != held_round:
+        raise FlowerEngineError(f"SecAgg+ round {asked!r} asked for the adapter of round {held_round}")
+    # float64: SecAgg+ scales and quantises in the arrays' own precision, and float32 would lose
+    # several quantisation levels per value at 2**30 levels.
+    tensors = [ndarray_to_bytes(a.astype(np.float64)) for a in held.values()]
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="held adapter"),
+        parameters=Parameters(tensors=tensors, tensor_type="numpy.ndarray"),
+        num_examples=int(records.number(meta, "num_examples")),
+        metrics={},
+    )
+    return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -22,7 +22,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcollm.engines.flower.options import FlowerOptions
-from fedcollm.parties.runtime import Reporter
+from fedcollm.protocol import Reporter
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
@@ -42,7 +42,7 @@ def serve(
     """Run `config` with the clients on the other end of `grid`; write the run folder to `out`."""
     from fedcollm.engines.flower.transport import FlowerTransport
     from fedcollm.experiment.loop import run_rounds
-    from fedcollm.experiment.run import prepare_server
+    from fedcollm.experiment.setup import prepare_server
 
     reporter = reporter or Reporter()
     algorithm, server, recorder = prepare_server(

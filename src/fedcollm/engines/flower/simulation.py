@@ -14,14 +14,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedcollm.engines.flower.options import FlowerOptions
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
     from fedcollm.experiment.recording import RunRecorder
-    from fedcollm.parties.runtime import Reporter
+    from fedcollm.protocol import Reporter
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -66,7 +66,8 @@ def run_simulation(
     recorder: list[RunRecorder] = []
 
     with flower_environment(out / ".flwr"):
-        from flwr.serverapp import ServerApp
+        from flwr.app import Context
+        from flwr.serverapp import Grid, ServerApp
         from flwr.simulation import run_simulation as flower_run_simulation
 
         from fedcollm.engines.flower.client_app import app as client_app
@@ -75,13 +76,13 @@ def run_simulation(
         server_app = ServerApp()
 
         @server_app.main()
-        def main(grid, context) -> None:  # type: ignore[no-untyped-def]
+        def main(grid: Grid, context: Context) -> None:
             recorder.append(
                 serve(grid, config, out, options, overwrite=overwrite, resume=resume, reporter=reporter)
             )
 
         cores = os.cpu_count() or 1
-        backend_config = {
+        backend_config: dict[str, Any] = {
             "client_resources": {"num_cpus": options.cpus_per_client, "num_gpus": 0.0},
             "init_args": {
                 "num_cpus": cores,

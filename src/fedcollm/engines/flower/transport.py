@@ -1,9 +1,10 @@
 """The server side of the Flower engine: a `Transport` that moves rounds over a Flower `Grid`.
 
-The round loop (`fedcollm.experiment.loop.run_rounds`) runs inside the ServerApp and calls this transport
-exactly as it calls the embedded one. `fit` returns every client's reply; `fit_aggregate` runs
-the round under SecAgg+ and returns only the weighted mean, which the loop hands to the
-algorithm's server step (for FedCoLLM: the distillation runs on the securely aggregated adapter).
+The round loop (`fedcollm.experiment.loop.run_rounds`) runs inside the ServerApp and calls this
+transport exactly as it calls the embedded one. `fit` returns every client's reply;
+`fit_aggregate` runs the round under SecAgg+ (`fedcollm.engines.flower.secagg`) and returns only
+the weighted mean, which the loop hands to the algorithm's server step (for FedCoLLM: the
+distillation runs on the securely aggregated adapter).
 
 SuperNodes are told which client they are by their node config (`partition-id`,
 `num-partitions`); the transport asks each new node once (`query.hello`) and checks that the K
@@ -16,11 +17,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import WARNING
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcollm.engines.flower import records
@@ -28,14 +28,14 @@ from fedcollm.engines.flower.options import FlowerEngineError, FlowerOptions
 from fedcollm.engines.flower.secagg import (
     ClientStats,
     SecAggSettings,
-    check_aggregate,
     derive_settings,
+    finish_mean,
+    run_secagg,
 )
+from fedcollm.protocol import ClientReply, ClientStates, Payload, Reporter, SecureAggregate
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
-    from fedcollm.experiment.loop import SecureAggregate
-    from fedcollm.parties.runtime import ClientReply, Payload, Reporter
 
 
 class PollingGrid:
@@ -53,7 +53,7 @@ class PollingGrid:
         self._interval = interval
         self._liveness_every = liveness_every
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
@@ -87,7 +87,6 @@ class FlowerTransport:
         options: FlowerOptions,
         reporter: Reporter | None = None,
     ) -> None:
-        from fedcollm.parties.runtime import Reporter
 
         self.grid = PollingGrid(grid)
         self.config = config
@@ -105,6 +104,19 @@ class FlowerTransport:
     @property
     def secure(self) -> bool:
         return self.options.secagg
+
+    def client_states(self) -> ClientStates | None:
+        """None: each client's state lives on its SuperNode, not in the server's process."""
+        return None
+
+    def restore_client_states(self, states: ClientStates) -> None:
+        from fedcollm.experiment.checkpoint import CheckpointError
+
+        raise CheckpointError(
+            "cannot resume here: the checkpoint holds the clients' state between rounds, but on "
+            "Flower that state lives on the SuperNodes, which this server cannot give it to; resume "
+            "the run on the engine that wrote the checkpoint"
+        )
 
     # ---------------------------------------------------------------------------------------
     # Nodes
@@ -158,7 +170,7 @@ class FlowerTransport:
         if reply.has_error():
             raise FlowerEngineError(f"SuperNode {node} failed to say which client it is: {_reason(reply)}")
         info = reply.content.config_records[records.RUN]
-        client, declared = int(info["client"]), int(info["num_clients"])
+        client, declared = int(records.number(info, "client")), int(records.number(info, "num_clients"))
         if declared != self.num_clients or not 0 <= client < self.num_clients:
             raise FlowerEngineError(
                 f"SuperNode {node} has node config partition-id={client} "
@@ -247,7 +259,6 @@ class FlowerTransport:
         return results
 
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
-        from fedcollm.parties.runtime import ClientReply
 
         results = self._exchange(payload, rnd)
         self._require(rnd, len(results), self.options.min_clients, "sent an update")
@@ -258,7 +269,6 @@ class FlowerTransport:
 
     def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]:
         """Clients evaluate their own SLMs (for algorithms whose server holds no client adapter)."""
-        from fedcollm.parties.runtime import ClientReply
 
         results = self._exchange(payload, rnd, message_type=records.EVALUATE)
         return [
@@ -270,8 +280,6 @@ class FlowerTransport:
     # Secure aggregation
 
     def fit_aggregate(self, payload: Payload, rnd: int) -> SecureAggregate:
-        from fedcollm.experiment.loop import SecureAggregate
-        from fedcollm.parties.runtime import ClientReply
 
         results = self._exchange(payload, rnd, hold=True)
         self._require(rnd, len(results), self.options.min_clients, "trained")
@@ -286,24 +294,19 @@ class FlowerTransport:
         settings = derive_settings(stats, self.options)
         self.secagg_settings[rnd] = settings
         self.reporter.phase(f"round {rnd} · SecAgg+ over {len(stats)} clients")
-        mean, included = run_secagg(self.grid, stats, settings, rnd, self.options)
+        # PollingGrid stands in for the Grid it wraps (every other method is the Grid's own).
+        mean, included = run_secagg(cast(Grid, self.grid), stats, settings, rnd, self.options)
         by_node = dict(results)
         for node, result in results:
             if node not in included:
                 self._fail(rnd, result.client, "lost during SecAgg+")
         self._require(rnd, len(included), self.options.min_clients, "completed SecAgg+")
         shapes = {name: payload.arrays[name].shape for name in names}
-        aggregate = {
-            name: np.asarray(array, dtype=np.float32).reshape(shapes[name])
-            for name, array in zip(names, mean, strict=True)
-        }
-        # With fewer clients than planned, the weights (and so the bound) change.
-        kept = [s for s in stats if s.node_id in included]
-        if len(kept) != len(stats):
-            settings = _restrict(settings, stats, kept)
-        self.secagg_error[rnd] = check_aggregate(settings, aggregate, self.options.secagg_tolerance)
+        aggregate, settings, self.secagg_error[rnd] = finish_mean(
+            settings, stats, included, mean, shapes, self.options.secagg_tolerance
+        )
         self.reporter.message(
-            f"round {rnd}: SecAgg+ mean of {len(kept)} clients (clipping {settings.clipping_range:.4g}, "
+            f"round {rnd}: SecAgg+ mean of {len(included)} clients (clipping {settings.clipping_range:.4g}, "
             f"{settings.quantization_range} levels, max weight {settings.max_weight:g}); quantisation "
             f"error <= {self.secagg_error[rnd]:.2e} relative"
         )
@@ -325,18 +328,6 @@ class FlowerTransport:
         )
 
 
-def _restrict(settings: SecAggSettings, stats: list[ClientStats], kept: list[ClientStats]) -> SecAggSettings:
-    from dataclasses import replace
-
-    index = [stats.index(s) for s in kept]
-    return replace(
-        settings,
-        weights=tuple(settings.weights[i] for i in index),
-        exact_weights=tuple(settings.exact_weights[i] for i in index),
-        bounds=tuple(settings.bounds[i] for i in index),
-    )
-
-
 def _reason(reply: Message) -> str:
     """A client's error in one line: Flower's reasons can carry whole (Ray) tracebacks."""
     error = reply.error
@@ -353,138 +344,3 @@ def _client_of_error(reply: Message, messages: Iterable[Message], targets: dict[
         if message.metadata.message_id == reply.metadata.reply_to_message_id:
             return targets.get(message.metadata.dst_node_id)
     return None
-
-
-def _secaggplus_workflow() -> type:
-    from flwr.server.workflow import SecAggPlusWorkflow
-
-    class DropoutSafe(SecAggPlusWorkflow):
-        """Flower 1.41's SecAgg+ workflow, made to survive clients lost before sharing their keys.
-
-        Flower's unmask stage asks the survivors for key shares of *every* client sampled at
-        setup, so a client that died before the share-keys stage (it has no shares anywhere,
-        and nobody masked against it) makes the surviving clients fail (they hold no share of
-        it) and the round halt; and for a client lost during the upload it cancels masks
-        toward all its original neighbours, not only those that applied them. Here, once keys
-        are shared, only the clients that shared them count as sampled, each one's neighbours
-        are those that shared keys too, and a client lost during the upload has its masks
-        cancelled only toward the neighbours that uploaded. The client side is unchanged.
-        """
-
-        shared: set[int] | None = None
-
-        def _check_threshold(self, state):  # type: ignore[no-untyped-def]
-            relevant = self.shared if self.shared is not None else state.active_node_ids
-            for node in relevant:
-                if len(state.nid_to_neighbours[node] & state.active_node_ids) < state.threshold:
-                    return False
-            return True
-
-        def share_keys_stage(self, grid, context, state):  # type: ignore[no-untyped-def]
-            ok = super().share_keys_stage(grid, context, state)
-            self.shared = set(state.active_node_ids)
-            return ok and self._check_threshold(state)
-
-        def unmask_stage(self, grid, context, state):  # type: ignore[no-untyped-def]
-            shared, uploaded = self.shared or set(), state.active_node_ids
-            state.sampled_node_ids = set(shared)
-            for node in shared:
-                neighbours = state.nid_to_neighbours[node] & shared
-                if node not in uploaded:
-                    neighbours = (neighbours & uploaded) | {node}
-                state.nid_to_neighbours[node] = neighbours
-            return super().unmask_stage(grid, context, state)
-
-    return DropoutSafe
-
-
-def run_secagg(
-    grid: Grid,
-    stats: list[ClientStats],
-    settings: SecAggSettings,
-    rnd: int,
-    options: FlowerOptions,
-) -> tuple[list[np.ndarray], set[int]]:
-    """Run Flower's SecAgg+ workflow over the nodes in `stats`; return the mean and who is in it.
-
-    The clients upload the adapters they hold from `train.local`; the server-side workflow
-    unmasks only their weighted sum, divided by the sum of weights.
-    """
-    from flwr.app import ArrayRecord, Context
-    from flwr.common import FitIns, Parameters, parameters_to_ndarrays
-    from flwr.server import ServerConfig
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import Strategy
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-    from flwr.server.workflow.constant import Key as WorkflowKey
-
-    class Capture(Strategy):
-        """Hands the workflow its clients and keeps the aggregate it unmasks."""
-
-        def __init__(self) -> None:
-            self.aggregate: list[np.ndarray] | None = None
-            self.included: set[int] = set()
-
-        def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-            empty = Parameters(tensors=[], tensor_type="numpy.ndarray")
-            return [
-                (GridClientProxy(s.node_id, grid, grid.run.run_id), FitIns(empty, {"round": rnd}))
-                for s in stats
-            ]
-
-        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
-            if results:
-                self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
-                self.included = {proxy.node_id for proxy, _ in results}
-            return None, {}
-
-        def initialize_parameters(self, client_manager):  # type: ignore[no-untyped-def]
-            return None
-
-        def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-            return []
-
-        def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
-            return None, {}
-
-        def evaluate(self, server_round, parameters):  # type: ignore[no-untyped-def]
-            return None
-
-    strategy = Capture()
-    base = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    context = LegacyContext(
-        base,
-        config=ServerConfig(num_rounds=1),
-        strategy=strategy,
-        client_manager=SimpleClientManager(),
-    )
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
-    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    workflow = _secaggplus_workflow()(
-        num_shares=settings.num_shares,
-        reconstruction_threshold=settings.threshold,
-        max_weight=settings.max_weight,
-        clipping_range=settings.clipping_range,
-        quantization_range=settings.quantization_range,
-        modulus_range=settings.modulus_range,
-        timeout=options.secagg_timeout or None,
-    )
-    import logging
-
-    flwr_logger = logging.getLogger("flwr")
-    previous = flwr_logger.level
-    if not options.verbose:
-        flwr_logger.setLevel(WARNING)
-    try:
-        workflow(grid, context)
-    finally:
-        flwr_logger.setLevel(previous)
-    if strategy.aggregate is None:
-        raise FlowerEngineError(
-            f"round {rnd}: SecAgg+ halted before unmasking (too few clients left to reach the "
-            f"reconstruction threshold {settings.threshold}); lower secagg-threshold or keep "
-            "more SuperNodes running"
-        )
-    return strategy.aggregate, strategy.included

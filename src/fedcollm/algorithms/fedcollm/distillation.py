@@ -1,88 +1,32 @@
-"""Knowledge distillation between two language models: KL losses and FedCoLLM's mutual step.
+"""FedCoLLM's server step (Eq. 4-6): mutual distillation between the LLM and the aggregated SLM.
 
-Convention: `kd_loss(student, teacher)` is KL(p_teacher || p_student), Hinton's distillation
-loss, which is what the paper's l_KL(student(x), teacher(x)) denotes in the argument order of
-`torch.nn.functional.kl_div(input=student, target=teacher)`. The teacher side never receives a
-gradient. `direction="reverse"` gives KL(p_student || p_teacher) for users who want it.
+Each batch runs one forward of each model on the same auxiliary texts; each model's logits are
+its own student output and, detached, the other's teacher. Where the two models tokenise
+differently, each teacher's top-K distribution is carried onto the student's answer tokens by a
+`TokenBridge` (MinED vocabulary map, DTW sequence alignment).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from peft import PeftModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import DistillConfig, TrainConfig
+from fedcollm.errors import FedcollmError
 from fedcollm.lm.encoding import Encoded, collate
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
-from fedcollm.training.sft import optimise
+from fedcollm.protocol import StepCallback
+from fedcollm.training.kd import KdDirection, kd_loss, kd_loss_sparse
+from fedcollm.training.optimise import optimise
 
-KdDirection = Literal["forward", "reverse"]
 
-
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(FedcollmError, ValueError):
     """The two models tokenise differently, so their logits cannot be compared position by position."""
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float = 1.0,
-    direction: KdDirection = "forward",
-) -> torch.Tensor:
-    """Mean over positions of KL between softened distributions, scaled by T^2 (Hinton et al.).
-
-    Both inputs are [P, V] over the same vocabulary. The teacher is detached here, so a caller
-    cannot accidentally train the teacher through this term.
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
-        )
-    if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
-    t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1) if direction == "forward" else (s.exp() * (s - t)).sum(-1)
-    return kl.mean() * temperature**2
-
-
-def kd_loss_sparse(
-    student_logits: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_values: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """KL(p_teacher || p_student) where the teacher is a top-K distribution in the student's vocabulary.
-
-    `student_logits` [P, V]; `teacher_ids` [P, K] student-vocabulary ids (-1 = padding) and
-    `teacher_values` [P, K] their logits (padding ignored). The teacher distribution is the
-    softmax of its K logits (what survives of it after top-K and token alignment); the student
-    keeps its full softmax. A one-hot teacher row (one valid entry) reduces to cross-entropy.
-    Every row must hold at least one valid entry.
-    """
-    if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
-    valid = teacher_ids >= 0
-    if not bool(valid.any(dim=1).all()):
-        raise ValueError("a teacher row has no valid entry (empty distribution)")
-    t_logits = teacher_values.detach().float().masked_fill(~valid, float("-inf")) / temperature
-    t_logp = torch.log_softmax(t_logits, dim=-1)
-    s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    s_logp = s_logp.gather(1, teacher_ids.clamp(min=0))
-    terms = torch.where(valid, t_logp.exp() * (t_logp - s_logp), torch.zeros_like(s_logp))
-    return terms.sum(-1).mean() * temperature**2
-
-
-def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    """Whether two tokenizers split every text alike (same vocabulary), so logits compare directly."""
-    return a is b or a.get_vocab() == b.get_vocab()
 
 
 def aligned_teacher(
@@ -105,7 +49,7 @@ def aligned_teacher(
     for t_item, s_item in zip(teacher_items, student_items, strict=True):
         n = t_item.n_target
         mapped_ids, mapped_vals = bridge.transfer(
-            t_item, s_item, ids_np[offset : offset + n], values_np[offset : offset + n]
+            t_item.answer_ids, s_item.answer_ids, ids_np[offset : offset + n], values_np[offset : offset + n]
         )
         out_ids.append(mapped_ids)
         out_vals.append(mapped_vals)
@@ -180,7 +124,7 @@ def mutual_distill(
     seed: int,
     direction: KdDirection = "forward",
     bridges: tuple[TokenBridge, TokenBridge] | None = None,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: StepCallback | None = None,
 ) -> DistillResult:
     """FedCoLLM's server step (Eq. 4-6): R epochs of joint updates on the auxiliary set.
 

@@ -1,0 +1,36 @@
+"""The registry of algorithms, by the name a config selects them with, and the config check.
+
+`fedcollm.config.AlgorithmName` lists the same names as a closed type (the config never imports
+the algorithms); a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedcollm.config import ConfigError, ExperimentConfig
+
+if TYPE_CHECKING:
+    from fedcollm.algorithms.base import Algorithm
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make an algorithm selectable by its `name` in configs."""
+    if cls.name in ALGORITHMS:
+        raise ValueError(f"algorithm name {cls.name!r} registered twice")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def check_config(config: ExperimentConfig, origin: str | None = None) -> None:
+    """Raise `ConfigError` listing every reason `config` cannot run its algorithm.
+
+    `origin` names where the config came from in the message (default: the experiment's name).
+    """
+    problems = ALGORITHMS[config.algorithm].check_config(config)
+    if problems:
+        where = origin or f"experiment {config.name!r}"
+        reasons = "\n".join(f"  - {problem}" for problem in problems)
+        raise ConfigError(f"{where} cannot run {config.algorithm!r}:\n{reasons}")

@@ -1,0 +1,51 @@
+"""What every engine starts a run from: the checked config, the algorithm, the server, the run folder.
+
+The order is the point: the config is checked against its algorithm before anything is read,
+the data before any model loads, and the run folder is claimed only once the data is known to
+be usable, so a run that cannot work fails in seconds and leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedcollm.algorithms import ALGORITHMS, Algorithm, check_config
+from fedcollm.config import ConfigError, ExperimentConfig
+from fedcollm.experiment.recording import RunRecorder
+from fedcollm.parties.data import ExperimentData
+from fedcollm.parties.loading import load_models
+from fedcollm.parties.resources import SharedResources
+from fedcollm.parties.server import ServerRuntime
+from fedcollm.protocol import Reporter
+
+
+def check_data(algorithm: type[Algorithm], config: ExperimentConfig, data: ExperimentData) -> None:
+    """Refuse data the algorithm cannot work with (an auxiliary set left empty by a small split)."""
+    if algorithm.needs_auxiliary_set(config) and not data.split.aux:
+        raise ConfigError(
+            f"algorithm {config.algorithm!r} trains on the server's auxiliary set, but "
+            f"task.aux_fraction={config.task.aux_fraction} of {len(data.train)} training questions "
+            "leaves it empty: raise task.aux_fraction or task.train_limit"
+        )
+
+
+def prepare_server(
+    config: ExperimentConfig,
+    out: Path,
+    *,
+    overwrite: bool,
+    reporter: Reporter,
+    resume: bool = False,
+    resources: SharedResources | None = None,
+) -> tuple[Algorithm, ServerRuntime, RunRecorder]:
+    """The algorithm, the server's runtime and the run folder: what every engine starts from."""
+    check_config(config)
+    algorithm = ALGORITHMS[config.algorithm](config)
+    reporter.phase("loading data")
+    data = ExperimentData.load(config)
+    check_data(type(algorithm), config, data)
+    recorder = RunRecorder(out, config, overwrite=overwrite, resume=resume)
+    reporter.phase("loading models")
+    slm, llm = load_models(config, with_llm=algorithm.uses_llm)
+    server = ServerRuntime.create(config, data, slm, llm, run_dir=out, resources=resources)
+    return algorithm, server, recorder

@@ -1,0 +1,38 @@
+"""Every party's models, loaded from the experiment with the same seeds on every engine."""
+
+from __future__ import annotations
+
+from fedcollm.config import ConfigError, ExperimentConfig
+from fedcollm.lm.models import LoadedModel, load_with_lora
+from fedcollm.lm.precision import torch_dtype
+from fedcollm.protocol import derive_seed
+
+
+def load_client_models(config: ExperimentConfig, slm: LoadedModel) -> list[LoadedModel]:
+    """Each client's SLM; clients naming the same model share one loaded copy (only adapters differ)."""
+    loaded = {slm.name: slm}
+    out = []
+    for k in range(config.federation.num_clients):
+        name = config.federation.client_model(k, config.slm.name)
+        if name not in loaded:
+            loaded[name] = load_client_model(config, name)
+        out.append(loaded[name])
+    return out
+
+
+def load_client_model(config: ExperimentConfig, name: str) -> LoadedModel:
+    """A client's SLM `name`, with the LoRA shape and initial seed every SLM of the run shares."""
+    return load_with_lora(name, config.slm.lora, derive_seed(config.seed, 1), torch_dtype(config.dtype))
+
+
+def load_models(config: ExperimentConfig, with_llm: bool) -> tuple[LoadedModel, LoadedModel | None]:
+    """Load the SLM (shared by all in-process clients) and, if needed, the server's LLM."""
+    slm = load_client_model(config, config.slm.name)
+    llm = None
+    if with_llm:
+        if config.llm is None:
+            raise ConfigError(f"algorithm {config.algorithm!r} needs an [llm] section")
+        llm = load_with_lora(
+            config.llm.name, config.llm.lora, derive_seed(config.seed, 2), torch_dtype(config.dtype)
+        )
+    return slm, llm

@@ -1,0 +1,90 @@
+"""The adapter-training loop every trainer shares: seeded epochs, batches, AdamW per adapter.
+
+Supervised fine-tuning (`fedcollm.training.sft`), FedMKT's knowledge training and FedCoLLM's
+mutual distillation all run `optimise`; they differ only in the loss of a batch. The base models
+are frozen; only adapter parameters train, each model with its own optimiser and schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from fedcollm.config import TrainConfig
+from fedcollm.lm.encoding import batches
+from fedcollm.protocol import StepCallback
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (was a LoRA adapter attached?)")
+    return params
+
+
+def make_optimizer(
+    model: torch.nn.Module, lr: float, cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the adapter with linear warmup then linear decay to zero."""
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model), lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+    )
+    warmup = round(cfg.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def epoch_orders(n: int, epochs: int, seed: int) -> list[list[int]]:
+    """A seeded shuffle of `range(n)` per epoch."""
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(n).tolist() for _ in range(epochs)]
+
+
+def optimise(
+    models: Sequence[tuple[PeftModel, float]],
+    num_examples: int,
+    loss_of: Callable[[list[int]], Sequence[torch.Tensor]],
+    *,
+    cfg: TrainConfig,
+    epochs: int,
+    seed: int,
+    on_step: StepCallback | None = None,
+) -> tuple[int, np.ndarray]:
+    """The adapter-training loop every trainer shares; returns the step count and each term's mean.
+
+    SFT, FedMKT's knowledge training and FedCoLLM's mutual distillation all run it: seeded epoch
+    orders, batches of `cfg.batch_size`, one backward per batch of the loss `loss_of(index)`
+    gives first (any further terms are only reported), then for each (model, learning rate) in
+    `models` its own gradient clipping, AdamW step and warmup/linear-decay schedule.
+    """
+    orders = epoch_orders(num_examples, epochs, seed)
+    total = -(-num_examples // cfg.batch_size) * epochs
+    stepped = [(model, *make_optimizer(model, lr, cfg, total)) for model, lr in models]
+    torch.manual_seed(seed)
+    for model, _ in models:
+        model.train()
+    history: list[list[float]] = []
+    for order in orders:
+        for index in batches(range(num_examples), cfg.batch_size, order):
+            terms = loss_of(index)
+            terms[0].backward()
+            for model, optimizer, scheduler in stepped:
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            history.append([float(t.detach()) for t in terms])
+            if on_step is not None:
+                on_step(len(history), total, history[-1][0])
+    for model, _ in models:
+        model.eval()
+    return len(history), np.mean(history, axis=0) if history else np.zeros(1)
