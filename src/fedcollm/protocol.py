@@ -2,7 +2,8 @@
 
 A run moves `Payload` messages from the server to clients and `ClientReply` messages back;
 `Metric` lines go into the run record; a `Reporter` shows progress; `derive_seed` gives every
-random stream of a run its own seed, the same on every engine. A `Transport` is what an engine
+random stream of a run its own seed (one per `Seed` purpose, round and client), the same on
+every engine. A `Transport` is what an engine
 provides to the round loop. Nothing here imports torch, transformers or peft, so the Flower
 engine's message handling (and anything else that only moves messages) stays light.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Protocol
 
 import numpy as np
@@ -85,9 +87,42 @@ class Reporter:
         return lambda step, total, loss: self.advance(step, total, f"loss {loss:.3f}")
 
 
-def derive_seed(seed: int, *parts: int) -> int:
-    """A 31-bit seed for one (round, client, purpose), identical on every engine."""
-    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
+class Seed(IntEnum):
+    """What a random stream is for; each purpose has its own stream (see `derive_seed`)."""
+
+    SLM_INIT = 1
+    """The SLM's LoRA initialisation (the same for every client and the server)."""
+    LLM_INIT = 2
+    """The LLM's LoRA initialisation."""
+    CLIENT_TRAIN = 3
+    """A client's local training in a round: shuffling and dropout."""
+    LLM_TRAIN = 4
+    """The server's supervised training of the LLM in a round (Centralized, CrossLM)."""
+    DISTILL = 5
+    """The server's mutual distillation in a round (FedCoLLM)."""
+    KNOWLEDGE_LLM = 6
+    """The server's knowledge training of the LLM in a round (FedMKT)."""
+    KNOWLEDGE_CLIENT = 7
+    """A client's knowledge training in a round (FedMKT's ClientUpdate2)."""
+    DEMONSTRATIONS = 8
+    """Which auxiliary questions each generation prompt shows (CrossLM)."""
+    GENERATION = 9
+    """The LLM's sampling of synthetic examples (CrossLM)."""
+    CHOICE_ORDER = 10
+    """The permutation of each synthetic example's choices (CrossLM)."""
+
+
+def derive_seed(seed: int, purpose: Seed, rnd: int = 0, client: int | None = None) -> int:
+    """A 63-bit seed for one (purpose, round, client) of the experiment seeded with `seed`.
+
+    The same on every engine and process. Purpose, round and client are separate coordinates of
+    NumPy's `SeedSequence` spawn key, so no two streams share an input however many rounds or
+    clients a run has (`client=None`: a stream of the server); and 63 bits make two outputs
+    equal by accident about as likely as n^2 / 2^64 for n streams.
+    """
+    slot = 0 if client is None else client + 1
+    sequence = np.random.SeedSequence(seed, spawn_key=(int(purpose), rnd, slot))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] & np.uint64(0x7FFF_FFFF_FFFF_FFFF))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.client import ClientRuntime
 from fedcollm.parties.server import ServerRuntime
-from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, derive_seed
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, Seed, derive_seed
 from fedcollm.training.sft import TrainResult, train_sft
 
 
@@ -93,7 +93,7 @@ def client_sft(
         pad_id=client.slm.pad_id,
         lr=config.slm.lr,
         cfg=config.train,
-        seed=derive_seed(config.seed, rnd, 100 + client.client_id),
+        seed=derive_seed(config.seed, Seed.CLIENT_TRAIN, rnd, client.client_id),
         on_step=reporter.step_callback(),
     )
 
@@ -116,7 +116,7 @@ def llm_sft(
         pad_id=llm.pad_id,
         lr=config.llm.lr,
         cfg=config.train,
-        seed=derive_seed(config.seed, rnd, 2),
+        seed=derive_seed(config.seed, Seed.LLM_TRAIN, rnd),
         epochs=epochs,
         on_step=reporter.step_callback(),
         weights=weights,

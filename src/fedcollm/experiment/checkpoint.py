@@ -7,8 +7,9 @@ communication so far, the layout of the arrays, and the SHA-256 of `arrays.npz`)
 into a temporary folder and renamed into place, so a crash or a full disk leaves the previous
 checkpoint intact. Arrays are stored without pickle.
 
-Round seeds are derived from (seed, round, client), and optimisers start fresh every round, so
-the state at a round boundary is all a resumed run needs to reproduce an uninterrupted one.
+Round seeds are derived from (seed, purpose, round, client) and optimisers start fresh every
+round, so the state at a round boundary is all a resumed run needs to reproduce an uninterrupted
+one.
 """
 
 from __future__ import annotations

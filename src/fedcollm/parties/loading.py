@@ -5,7 +5,7 @@ from __future__ import annotations
 from fedcollm.config import ConfigError, ExperimentConfig
 from fedcollm.lm.models import LoadedModel, load_with_lora
 from fedcollm.lm.precision import torch_dtype
-from fedcollm.protocol import derive_seed
+from fedcollm.protocol import Seed, derive_seed
 
 
 def load_client_models(config: ExperimentConfig, slm: LoadedModel) -> list[LoadedModel]:
@@ -22,7 +22,9 @@ def load_client_models(config: ExperimentConfig, slm: LoadedModel) -> list[Loade
 
 def load_client_model(config: ExperimentConfig, name: str) -> LoadedModel:
     """A client's SLM `name`, with the LoRA shape and initial seed every SLM of the run shares."""
-    return load_with_lora(name, config.slm.lora, derive_seed(config.seed, 1), torch_dtype(config.dtype))
+    return load_with_lora(
+        name, config.slm.lora, derive_seed(config.seed, Seed.SLM_INIT), torch_dtype(config.dtype)
+    )
 
 
 def load_models(config: ExperimentConfig, with_llm: bool) -> tuple[LoadedModel, LoadedModel | None]:
@@ -33,6 +35,9 @@ def load_models(config: ExperimentConfig, with_llm: bool) -> tuple[LoadedModel, 
         if config.llm is None:
             raise ConfigError(f"algorithm {config.algorithm!r} needs an [llm] section")
         llm = load_with_lora(
-            config.llm.name, config.llm.lora, derive_seed(config.seed, 2), torch_dtype(config.dtype)
+            config.llm.name,
+            config.llm.lora,
+            derive_seed(config.seed, Seed.LLM_INIT),
+            torch_dtype(config.dtype),
         )
     return slm, llm

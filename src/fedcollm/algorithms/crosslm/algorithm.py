@@ -65,7 +65,7 @@ from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.client import ClientRuntime
 from fedcollm.parties.server import ServerRuntime
-from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, derive_seed
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, Seed, derive_seed
 
 CANDIDATES = "crosslm.candidates"
 """Payload arrays: this round's candidates, which every client scores."""
@@ -197,7 +197,7 @@ class CrossLM(Algorithm):
         pool = [server.data.train[i] for i in server.data.split.aux]
         choice_counts = {len(q.choices) for q in pool} or {len(server.data.train[0].choices)}
         description = task_description(config.task.name, cfg.task_description)
-        rng = np.random.default_rng(derive_seed(config.seed, rnd, 7))
+        rng = np.random.default_rng(derive_seed(config.seed, Seed.DEMONSTRATIONS, rnd))
         demos = [
             [pool[int(i)] for i in rng.choice(len(pool), size=min(cfg.shots, len(pool)), replace=False)]
             for _ in range(cfg.num_candidates)
@@ -217,7 +217,7 @@ class CrossLM(Algorithm):
             prompts,
             add_bos=llm.add_bos,
             settings=settings,
-            seed=derive_seed(config.seed, rnd, 8),
+            seed=derive_seed(config.seed, Seed.GENERATION, rnd),
             on_batch=lambda b, total: reporter.advance(b, total),
         )
         parsed = [
@@ -227,7 +227,7 @@ class CrossLM(Algorithm):
             for i, g in enumerate(generations)
         ]
         parsed = mark_duplicates(parsed, pool, server.data.eval_questions)
-        shuffle_rng = np.random.default_rng(derive_seed(config.seed, rnd, 9))
+        shuffle_rng = np.random.default_rng(derive_seed(config.seed, Seed.CHOICE_ORDER, rnd))
         records = []
         for i, (g, p) in enumerate(zip(generations, parsed, strict=True)):
             question = p.question

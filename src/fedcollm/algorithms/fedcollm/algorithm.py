@@ -15,7 +15,7 @@ from fedcollm.config import ExperimentConfig
 from fedcollm.errors import FedcollmError
 from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.parties.server import ServerRuntime
-from fedcollm.protocol import Arrays, Metric, Reporter, derive_seed
+from fedcollm.protocol import Arrays, Metric, Reporter, Seed, derive_seed
 
 
 @register
@@ -63,7 +63,7 @@ class FedCoLLM(FedAvg):
             slm_lr=config.slm.lr,
             cfg=config.distill,
             train_cfg=config.train,
-            seed=derive_seed(config.seed, rnd, 1),
+            seed=derive_seed(config.seed, Seed.DISTILL, rnd),
             bridges=server.state["bridges"],
             on_step=reporter.step_callback(),
         )

@@ -54,7 +54,7 @@ from fedcollm.lm.encoding import Encoded, encode_pair
 from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.parties.client import ClientRuntime
 from fedcollm.parties.server import ServerRuntime
-from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, derive_seed
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, Seed, derive_seed
 
 UP = "knowledge."
 """Prefix of a client's knowledge set in its reply."""
@@ -191,7 +191,7 @@ class FedMKT(Algorithm):
             epochs=mkt.slm_epochs,
             ce_weight=mkt.ce_weight,
             temperature=mkt.temperature,
-            seed=derive_seed(config.seed, rnd, 200 + client.client_id),
+            seed=derive_seed(config.seed, Seed.KNOWLEDGE_CLIENT, rnd, client.client_id),
             on_step=reporter.step_callback(),
         )
         client.state["adapter"] = get_adapter(client.slm.model)
@@ -371,7 +371,7 @@ class FedMKT(Algorithm):
             epochs=mkt.llm_epochs,
             ce_weight=mkt.ce_weight,
             temperature=mkt.temperature,
-            seed=derive_seed(config.seed, rnd, 1),
+            seed=derive_seed(config.seed, Seed.KNOWLEDGE_LLM, rnd),
             on_step=reporter.step_callback(),
         )
         server_set = self._llm_knowledge(server, reporter, top_k=mkt.top_k)
