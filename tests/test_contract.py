@@ -62,6 +62,7 @@ BROKEN: dict[str, dict[str, Any]] = {
     "held-out task is the training task": {"crosslm": {"heldout_task": "arc_easy"}},
     "fedavg of mixed clients": {"fedmkt": {"fedavg_homogeneous": True}},
     "an auxiliary set too small to hold a question": {"task": {"train_limit": 3, "aux_fraction": 0.1}},
+    "a model name that cannot load": {"slm": {"name": "tiny-model-that-is-not-there"}},
 }
 
 

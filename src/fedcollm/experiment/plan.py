@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedcollm.algorithms import ALGORITHMS, check_config
 from fedcollm.config import ConfigError, ExperimentConfig, LoraConfig, build_config
-from fedcollm.experiment.setup import check_data
+from fedcollm.experiment.setup import check_data, check_models
 from fedcollm.lm.loading import ModelError, resolve_model
 from fedcollm.lm.lora import LORA_TARGETS
 from fedcollm.lm.precision import dtype_text
@@ -106,12 +106,7 @@ def check_runs(config: ExperimentConfig, methods: Sequence[str], tasks: Sequence
         data = ExperimentData.load(runs[task, methods[0]])
         for method in methods:
             check_data(ALGORITHMS[method], runs[task, method], data)
-    fed = config.federation
-    names = {config.slm.name} | {fed.client_model(k, config.slm.name) for k in range(fed.num_clients)}
-    if config.llm is not None and any(ALGORITHMS[m].uses_llm for m in methods):
-        names.add(config.llm.name)
-    for name in sorted(names):
-        resolve_model(name)
+    check_models(config, [ALGORITHMS[method] for method in methods])
 
 
 def plan(

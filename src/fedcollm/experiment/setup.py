@@ -1,17 +1,20 @@
 """What every engine starts a run from: the checked config, the algorithm, the server, the run folder.
 
 The order is the point: the config is checked against its algorithm before anything is read,
-the data before any model loads, and the run folder is claimed only once the data is known to
-be usable, so a run that cannot work fails in seconds and leaves nothing half-written.
+the data and the model names before any model loads, and the run folder is claimed only once
+all of them are known to be usable, so a run that cannot work fails in seconds and leaves
+nothing half-written. `--dry-run` (`fedcollm.experiment.plan`) runs the same checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedcollm.algorithms import ALGORITHMS, Algorithm, check_config
 from fedcollm.config import ConfigError, ExperimentConfig
 from fedcollm.experiment.recording import RunRecorder
+from fedcollm.lm.loading import resolve_model
 from fedcollm.parties.data import ExperimentData
 from fedcollm.parties.loading import load_models
 from fedcollm.parties.resources import SharedResources
@@ -29,6 +32,20 @@ def check_data(algorithm: type[Algorithm], config: ExperimentConfig, data: Exper
         )
 
 
+def check_models(config: ExperimentConfig, algorithms: Iterable[type[Algorithm]]) -> None:
+    """Refuse a model name that can never load (SLM, every client's, and the LLM if one is used).
+
+    Resolution reads no weights (an offline alias is converted once, as loading would anyway);
+    a hub id passes here and is fetched when it loads.
+    """
+    fed = config.federation
+    names = {config.slm.name} | {fed.client_model(k, config.slm.name) for k in range(fed.num_clients)}
+    if config.llm is not None and any(algorithm.uses_llm for algorithm in algorithms):
+        names.add(config.llm.name)
+    for name in sorted(names):
+        resolve_model(name)
+
+
 def prepare_server(
     config: ExperimentConfig,
     out: Path,
@@ -44,6 +61,7 @@ def prepare_server(
     reporter.phase("loading data")
     data = ExperimentData.load(config)
     check_data(type(algorithm), config, data)
+    check_models(config, [type(algorithm)])
     recorder = RunRecorder(out, config, overwrite=overwrite, resume=resume)
     reporter.phase("loading models")
     slm, llm = load_models(config, with_llm=algorithm.uses_llm)
