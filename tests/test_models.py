@@ -12,7 +12,7 @@ from peft import PeftModel
 from fedcollm.config import LoraConfig
 from fedcollm.lm.encoding import collate, encode_pair
 from fedcollm.lm.loading import ModelError, load_base_model, load_tokenizer, resolve_model
-from fedcollm.lm.logits import full_logits, target_logits
+from fedcollm.lm.logits import HeadMismatchError, check_head, full_logits, target_logits
 from fedcollm.lm.lora import get_adapter, lora_targets, save_adapter, set_adapter
 from fedcollm.lm.models import load_with_lora
 from tests.tiny import ARCHITECTURES, make_model
@@ -54,6 +54,22 @@ def test_lora_targets_default_per_architecture_and_override(tiny_arch: Path) -> 
     expected = {"gpt2": ["c_attn"]}.get(model.config.model_type, ["q_proj", "v_proj"])
     assert lora_targets(model, LoraConfig()) == expected
     assert lora_targets(model, LoraConfig(target_modules=["x"])) == ["x"]
+
+
+def test_a_head_transform_fedcollm_does_not_know_is_refused_at_load(tiny_arch: Path) -> None:
+    """`check_head` passes every architecture the shortcut reproduces and refuses the rest."""
+    model = load_base_model(str(tiny_arch))  # check_head ran: this architecture passed
+    own_forward = model.forward
+
+    def scaled_forward(*args: object, **kwargs: object) -> object:
+        out = own_forward(*args, **kwargs)
+        out.logits = out.logits * 1.5  # an unknown post-head transform
+        return out
+
+    model.forward = scaled_forward  # type: ignore[method-assign]
+    with pytest.raises(HeadMismatchError, match=model.config.model_type):
+        check_head(model, "the-scaled-model")
+    assert not model.training  # left in eval mode as it was
 
 
 def test_target_logits_equal_the_models_own_logits(tiny_arch: Path) -> None:

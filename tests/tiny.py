@@ -13,8 +13,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers import decoders as tk_decoders
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
     Gemma3TextConfig,
     GPT2Config,
+    GraniteConfig,
     LlamaConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
@@ -90,6 +92,28 @@ def _configs(vocab: int) -> dict[str, object]:
             max_position_embeddings=512,
             sliding_window=64,
             final_logit_softcapping=30.0,
+            **common,
+        ),
+        # Two heads that transform their logits after the LM head (x logit_scale, / logits_scaling),
+        # at values far from 1 so that a shortcut forgetting them fails the logits tests.
+        "cohere": CohereConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            logit_scale=0.25,
+            **common,
+        ),
+        "granite": GraniteConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            logits_scaling=4.0,
             **common,
         ),
     }

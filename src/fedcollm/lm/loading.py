@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.errors import FedcollmError
+from fedcollm.lm.logits import check_head
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,10 @@ In float32 the two are on par and SDPA stays."""
 
 
 def load_base_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A frozen base causal LM in eval mode, computing in `dtype` (attention per `ATTENTION`)."""
+    """A frozen base causal LM in eval mode, computing in `dtype` (attention per `ATTENTION`).
+
+    Refused (`HeadMismatchError`) if its logits are not what `fedcollm.lm.logits` computes.
+    """
     source = resolve_model(name)
     options = {"attn_implementation": ATTENTION[dtype]} if dtype in ATTENTION else {}
     try:
@@ -245,6 +249,7 @@ def load_base_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrained
         raise ModelError(f"cannot load model {name!r} from {source}: {exception_summary(exc)}") from None
     model.requires_grad_(False)
     model.eval()
+    check_head(model, name)
     return model
 
 

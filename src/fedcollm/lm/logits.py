@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedModel
 
+from fedcollm.errors import FedcollmError
 from fedcollm.lm.encoding import Batch
 
 
@@ -39,14 +40,62 @@ def decoder_of(model: PeftModel | PreTrainedModel) -> torch.nn.Module:
 
 
 def head_logits(model: PeftModel | PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on decoder hidden states [P, H]: logits [P, V] in float32 (softcapped if the
-    model's config says so), exactly as the model's own forward computes them."""
+    """The LM head on decoder hidden states [P, H]: logits [P, V] in float32, exactly as the
+    model's own forward computes them (its head's scaling and softcapping included)."""
     lm = _causal_lm(model)
     logits = lm.get_output_embeddings()(hidden).float()
-    softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+    config = lm.config.get_text_config()
+    # What transformers' forward does after the head, per architecture (none for most):
+    # Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`, Gemma 2/3
+    # softcap. `check_head` refuses a model whose forward does anything else.
+    scale = getattr(lm, "logit_scale", None)
+    if isinstance(scale, float | int):
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None:
+        logits = logits / divisor
+    softcap = getattr(config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+class HeadMismatchError(FedcollmError, ValueError):
+    """A model whose own logits are not its LM head on the decoder's output, as `head_logits` has it."""
+
+
+PROBE_TOKENS = 4
+"""Length of the probe sequence `check_head` runs through a model once, at load."""
+
+
+@torch.no_grad()
+def check_head(model: PreTrainedModel, name: str) -> None:
+    """Refuse a model whose forward transforms its logits in a way `head_logits` does not know.
+
+    Training, distillation and evaluation all compute logits through the decoder and the head
+    (`target_logits`), skipping the vocabulary-sized rows no loss uses; an architecture that
+    scales or caps its logits after the head in some other way would silently get wrong ones.
+    One forward of `PROBE_TOKENS` tokens both ways, at load time, turns that into an error.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ids = torch.arange(1, PROBE_TOKENS + 1).clamp(max=vocab - 1).unsqueeze(0)
+        ours = head_logits(model, decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state[0])
+        theirs = model(input_ids=ids, use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    scale = theirs.abs().max().clamp(min=1e-6)
+    # Rounding of the same matmuls differs by ~1e-7 relative in float32 and ~1e-2 in bfloat16;
+    # every known post-head transform changes logits by far more (Cohere: x0.0625).
+    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
+    if ((ours - theirs).abs().max() / scale).item() > tolerance:
+        raise HeadMismatchError(
+            f"model {name!r} ({model.config.model_type}): its forward transforms the LM head's logits "
+            "in a way fedcollm does not reproduce (known: Gemma softcapping, Cohere logit_scale, "
+            "Granite logits_scaling); add the transform to fedcollm.lm.logits.head_logits"
+        )
 
 
 def full_logits(model: PeftModel | PreTrainedModel, batch: Batch) -> torch.Tensor:

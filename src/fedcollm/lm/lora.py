@@ -34,6 +34,9 @@ LORA_TARGETS: dict[str, list[str]] = {
     "opt": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "gpt_neox": ["query_key_value"],
+    "cohere": ["q_proj", "v_proj"],
+    "cohere2": ["q_proj", "v_proj"],
+    "granite": ["q_proj", "v_proj"],
     "olmo": ["q_proj", "v_proj"],
     "olmo2": ["q_proj", "v_proj"],
 }
