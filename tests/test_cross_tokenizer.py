@@ -30,6 +30,19 @@ def test_bridge_between_identical_tokenizers_carries_the_teacher_unchanged(
     torch.testing.assert_close(vals, top_vals)
 
 
+def test_the_same_vocabulary_with_other_splitting_rules_needs_a_bridge(tiny_llama: Path) -> None:
+    """Equal vocabularies are not enough: a normaliser (or other merges) changes the answer ids."""
+    from tokenizers import normalizers
+
+    tok = load_tokenizer(str(tiny_llama))
+    assert not needs_bridge(tok, load_tokenizer(str(tiny_llama)))  # two loads of one tokenizer
+    lowercasing = load_tokenizer(str(tiny_llama))
+    lowercasing.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert lowercasing.get_vocab() == tok.get_vocab()
+    assert lowercasing("Rocks").input_ids != tok("Rocks").input_ids
+    assert needs_bridge(tok, lowercasing)
+
+
 def test_bridge_between_different_tokenizers_gives_a_distribution_for_every_student_token(
     tiny_llama: Path, tiny_other_tokenizer: Path, tmp_path: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,18 @@ def test_one_forward_per_model_each_loss_reaches_only_its_own_adapter(
         assert all(g is not None for g in grads[trained]), trained
         assert any(float(g.abs().sum()) > 0 for g in grads[trained]), trained  # lora_B (A's is 0 at init)
         assert all(g is None for g in grads[untouched]), untouched
+
+
+def test_equal_answer_lengths_with_other_token_ids_are_not_compared_position_by_position(
+    tiny_llama: Path,
+) -> None:
+    lm = load_with_lora(str(tiny_llama), LoraConfig(r=4), seed=0)
+    item = encode_pair(lm.tokenizer, "Question: The sun is a\nAnswer:", " star")
+    shifted = tuple((i + 1) % len(lm.tokenizer) for i in item.answer_ids)
+    other = dataclasses.replace(item, input_ids=item.input_ids[: item.n_context] + shifted)
+    assert other.n_target == item.n_target
+    with pytest.raises(TokenizerMismatchError, match="token alignment is needed"):
+        distill_losses(lm.model, lm.model, [item], [other], llm_pad_id=0, slm_pad_id=0, cfg=DistillConfig())
 
 
 def test_different_tokenizers_without_alignment_stop_with_a_clear_message(

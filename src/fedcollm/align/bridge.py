@@ -7,6 +7,7 @@ or a one-hot on its own token where no 1:1 match exists (FedMKT, App. B).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,30 @@ from fedcollm.align.vocab import VocabMap, build_vocab_map
 
 
 def needs_bridge(a: Any, b: Any) -> bool:
-    """Whether two tokenizers split texts differently, so logits need a `TokenBridge` to compare.
+    """Whether two tokenizers may split texts differently, so logits need a `TokenBridge` to compare.
 
-    Tokenizers with the same vocabulary (the same object, or two loads of one tokenizer) split
-    every text alike, and their logits compare position by position and id by id.
+    Two tokenizers split every text alike only if they agree on the vocabulary *and* on the rules
+    that turn text into ids: the normaliser, the pre-tokeniser and the model (BPE merges, unigram
+    scores). The same vocabulary with other merges or another normaliser gives other answer ids.
     """
-    return a is not b and a.get_vocab() != b.get_vocab()
+    if a is b:
+        return False
+    return a.get_vocab() != b.get_vocab() or _splitting_rules(a) != _splitting_rules(b)
+
+
+def _splitting_rules(tokenizer: Any) -> tuple[Any, ...] | None:
+    """The parts of a fast tokenizer's definition that decide which ids a text becomes.
+
+    Post-processing (BOS/EOS templates) and decoding are left out: BOS is decided separately
+    (`lm.loading.needs_bos`) and decoding does not change ids. None for a slow tokenizer, whose
+    rules are not serialisable (then the vocabulary alone decides).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    definition = json.loads(backend.to_str())
+    parts = ("normalizer", "pre_tokenizer", "model")
+    return tuple(json.dumps(definition.get(part), sort_keys=True) for part in parts)
 
 
 @dataclass(frozen=True)
