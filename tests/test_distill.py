@@ -12,7 +12,7 @@ import torch
 from fedcollm.algorithms.fedcollm.distillation import TokenizerMismatchError, distill_losses, mutual_distill
 from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
 from fedcollm.lm.encoding import encode_pair
-from fedcollm.lm.lora import get_adapter
+from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.lm.models import load_with_lora
 from fedcollm.training.kd import kd_loss, kd_loss_sparse
 
@@ -34,6 +34,22 @@ def test_kd_loss_scales_with_temperature_squared() -> None:
     p_t, p_s = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
     expected = (p_t * (p_t.log() - p_s.log())).sum(-1).mean() * 4
     torch.testing.assert_close(kd_loss(s, t, temperature=2.0), expected)
+
+
+def test_sum_reduction_is_fate_llms_reference_kd_and_mean_is_its_average_times_t_squared() -> None:
+    """`distill.kd_reduction = "sum"` computes FATE-LLM's `computing_kd_loss(...).sum()`."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(7, 11), torch.randn(7, 11)
+    reference = torch.nn.functional.kl_div(
+        torch.log_softmax(student, -1), torch.softmax(teacher, -1), reduction="none"
+    ).sum()
+    torch.testing.assert_close(kd_loss(student, teacher, reduction="sum"), reference)
+    temperature = 2.0
+    summed = kd_loss(student, teacher, temperature, reduction="sum")
+    torch.testing.assert_close(kd_loss(student, teacher, temperature), summed / 7 * temperature**2)
+    ids = torch.arange(11).repeat(7, 1)
+    torch.testing.assert_close(kd_loss_sparse(student, ids, teacher, reduction="sum"), reference)
+    assert DistillConfig().kd_reduction == "mean"
 
 
 def test_kd_loss_is_zero_for_identical_distributions_and_gradient_only_reaches_student() -> None:
@@ -104,6 +120,22 @@ def test_one_forward_per_model_each_loss_reaches_only_its_own_adapter(
         assert all(g is not None for g in grads[trained]), trained
         assert any(float(g.abs().sum()) > 0 for g in grads[trained]), trained  # lora_B (A's is 0 at init)
         assert all(g is None for g in grads[untouched]), untouched
+
+
+def test_distill_kd_reduction_reaches_fedcollms_losses(tiny_llama: Path) -> None:
+    llm = load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=0.0), seed=0)
+    slm = load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=0.0), seed=1)
+    set_adapter(slm.model, {k: np.full_like(v, 0.05) for k, v in get_adapter(slm.model).items()})
+    items = [encode_pair(llm.tokenizer, "Question: The sun is a\nAnswer:", " star. Water boils")]
+
+    def kd_terms(reduction: str) -> tuple[float, float]:
+        cfg = DistillConfig(kd_reduction=reduction)
+        out = distill_losses(llm.model, slm.model, items, items, llm_pad_id=0, slm_pad_id=0, cfg=cfg)
+        return float(out[2]), float(out[3])
+
+    mean, summed = kd_terms("mean"), kd_terms("sum")
+    assert mean[0] > 0 and mean[1] > 0
+    np.testing.assert_allclose(summed, np.multiply(mean, items[0].n_target), rtol=1e-5)
 
 
 def test_equal_answer_lengths_with_other_token_ids_are_not_compared_position_by_position(

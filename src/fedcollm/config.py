@@ -136,6 +136,13 @@ class DistillConfig(_Section):
     top_k: int = Field(
         64, ge=1, description="Teacher logits kept per position when the two vocabularies differ."
     )
+    kd_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description=(
+            "KL over a batch's answer positions: their mean x T^2 (Hinton), or their sum without T^2 "
+            "(FATE-LLM's reference)."
+        ),
+    )
 
 
 class FedMKTConfig(_Section):

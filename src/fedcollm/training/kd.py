@@ -14,6 +14,16 @@ from typing import Literal
 import torch
 
 KdDirection = Literal["forward", "reverse"]
+KdReduction = Literal["mean", "sum"]
+"""How per-position KL terms become one loss: `"mean"` over positions times T^2 (Hinton et al.;
+the KD-to-CE balance does not depend on how many answer tokens a batch has), or `"sum"` over
+positions without T^2 (FATE-LLM's FedCoLLM reference, `computing_kd_loss(...).sum()`)."""
+
+
+def _reduce(kl: torch.Tensor, temperature: float, reduction: KdReduction) -> torch.Tensor:
+    if reduction == "sum":
+        return kl.sum()
+    return kl.mean() * temperature**2
 
 
 def kd_loss(
@@ -21,8 +31,9 @@ def kd_loss(
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
     direction: KdDirection = "forward",
+    reduction: KdReduction = "mean",
 ) -> torch.Tensor:
-    """Mean over positions of KL between softened distributions, scaled by T^2 (Hinton et al.).
+    """KL between softened distributions per position, reduced by `reduction` (`KdReduction`).
 
     Both inputs are [P, V] over the same vocabulary. The teacher is detached here, so a caller
     cannot accidentally train the teacher through this term.
@@ -36,7 +47,7 @@ def kd_loss(
     t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     kl = (t.exp() * (t - s)).sum(-1) if direction == "forward" else (s.exp() * (s - t)).sum(-1)
-    return kl.mean() * temperature**2
+    return _reduce(kl, temperature, reduction)
 
 
 def kd_loss_sparse(
@@ -44,6 +55,7 @@ def kd_loss_sparse(
     teacher_ids: torch.Tensor,
     teacher_values: torch.Tensor,
     temperature: float = 1.0,
+    reduction: KdReduction = "mean",
 ) -> torch.Tensor:
     """KL(p_teacher || p_student) where the teacher is a top-K distribution in the student's vocabulary.
 
@@ -63,4 +75,4 @@ def kd_loss_sparse(
     s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     s_logp = s_logp.gather(1, teacher_ids.clamp(min=0))
     terms = torch.where(valid, t_logp.exp() * (t_logp - s_logp), torch.zeros_like(s_logp))
-    return terms.sum(-1).mean() * temperature**2
+    return _reduce(terms.sum(-1), temperature, reduction)

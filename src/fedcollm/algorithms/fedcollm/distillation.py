@@ -89,13 +89,13 @@ def distill_losses(
                 "be compared position by position; token alignment is needed (pass bridges)"
             )
         vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embedding rows past the tokenizer
-        kd_f = kd_loss(f_logits[:, :vocab], g_logits[:, :vocab], cfg.temperature, direction)
-        kd_g = kd_loss(g_logits[:, :vocab], f_logits[:, :vocab], cfg.temperature, direction)
+        kd_f = kd_loss(f_logits[:, :vocab], g_logits[:, :vocab], cfg.temperature, direction, cfg.kd_reduction)
+        kd_g = kd_loss(g_logits[:, :vocab], f_logits[:, :vocab], cfg.temperature, direction, cfg.kd_reduction)
     else:
         g_ids, g_vals = aligned_teacher(f_logits, llm_items, slm_items, bridges[0], cfg.top_k)
         f_ids, f_vals = aligned_teacher(g_logits, slm_items, llm_items, bridges[1], cfg.top_k)
-        kd_f = kd_loss_sparse(f_logits, f_ids, f_vals, cfg.temperature)
-        kd_g = kd_loss_sparse(g_logits, g_ids, g_vals, cfg.temperature)
+        kd_f = kd_loss_sparse(f_logits, f_ids, f_vals, cfg.temperature, cfg.kd_reduction)
+        kd_g = kd_loss_sparse(g_logits, g_ids, g_vals, cfg.temperature, cfg.kd_reduction)
     loss_f = answer_cross_entropy(f_logits, batch_f) + cfg.kd_weight * kd_f
     loss_g = answer_cross_entropy(g_logits, batch_g) + cfg.kd_weight * kd_g
     return loss_f, loss_g, kd_f, kd_g
