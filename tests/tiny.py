@@ -53,16 +53,16 @@ def make_tokenizer(folder: Path, vocab_size: int = 300) -> PreTrainedTokenizerFa
 
 def _configs(vocab: int) -> dict[str, object]:
     common = {"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    decoder = {  # the Llama-style shape shared by most families below
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
     return {
-        "llama": LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        ),
+        "llama": LlamaConfig(**decoder, **common),
         "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common),
         "opt": OPTConfig(
             hidden_size=32,
@@ -73,49 +73,18 @@ def _configs(vocab: int) -> dict[str, object]:
             max_position_embeddings=512,
             **common,
         ),
-        "qwen2": Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        ),
+        "qwen2": Qwen2Config(**decoder, **common),
         "gemma3_text": Gemma3TextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **decoder,
             head_dim=8,
-            max_position_embeddings=512,
             sliding_window=64,
             final_logit_softcapping=30.0,
             **common,
         ),
         # Two heads that transform their logits after the LM head (x logit_scale, / logits_scaling),
         # at values far from 1 so that a shortcut forgetting them fails the logits tests.
-        "cohere": CohereConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            logit_scale=0.25,
-            **common,
-        ),
-        "granite": GraniteConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            logits_scaling=4.0,
-            **common,
-        ),
+        "cohere": CohereConfig(**decoder, logit_scale=0.25, **common),
+        "granite": GraniteConfig(**decoder, logits_scaling=4.0, **common),
     }
 
 
