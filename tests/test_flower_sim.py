@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,12 @@ def test_a_failing_client_stops_the_run_with_its_error_and_leaves_no_process(
 ) -> None:
     from fedcollm.engines.flower import FlowerEngineError
 
-    missing = str(tmp_path / "no-such-model")
+    # A folder that names a model (so the pre-flight check passes) but holds no weights: the
+    # client fails only when it loads, inside Flower.
+    broken = tmp_path / "model-without-weights"
+    broken.mkdir()
+    shutil.copy(tiny_llama / "config.json", broken / "config.json")
+    missing = str(broken)
     cfg = build_config(
         tiny_config(
             tiny_llama,
@@ -151,7 +157,7 @@ def test_a_failing_client_stops_the_run_with_its_error_and_leaves_no_process(
     )
     out = tmp_path / "run"
     with pytest.raises(
-        FlowerEngineError, match=r"only 2 client\(s\).*client 2: unknown model .*no-such-model"
+        FlowerEngineError, match=r"only 2 client\(s\).*client 2: cannot load .*model-without-weights"
     ):
         run_experiment(cfg, out, engine="flower", flower=FlowerOptions(min_clients=3))
     assert_no_processes_left(out / ".flwr")
