@@ -20,6 +20,7 @@ from fedcollm.align import (
     WORD_START,
     TokenNormalizer,
     VocabMap,
+    agreeing_matches,
     align_positions,
     align_topk_for_ids,
     align_topk_for_text,
@@ -390,3 +391,52 @@ def test_mismatched_topk_rows_rejected(neox: Any, dolma2: Any) -> None:
     vm = VocabMap(np.zeros(len(neox), dtype=np.int64), np.zeros(len(dolma2), dtype=np.int64))
     with pytest.raises(ValueError, match="top-K has"):
         align_topk_for_text("hello world", neox, dolma2, np.zeros((1, 2)), np.zeros((1, 2)), vm)
+
+
+def _bpe_tokenizer(merges: list[tuple[str, str]]) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over single characters plus the pieces `merges` build, in that priority."""
+    vocab = {ch: i for i, ch in enumerate(byte_decoder())}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_a_pair_of_different_tokens_gets_a_one_hot_unless_the_vocabulary_map_joins_them() -> None:
+    """FuseLLM's soft alignment: DTW pairs `Par`/`Pa` and `is`/`ris` one to one; only the pair the
+    MinED map joins (`Par` -> `Pa`) carries the teacher's distribution, `ris` keeps its own token."""
+    teacher = _bpe_tokenizer([("P", "a"), ("Pa", "r"), ("i", "s")])
+    student = _bpe_tokenizer([("P", "a"), ("r", "i"), ("ri", "s")])
+    src = teacher("Paris", add_special_tokens=False)["input_ids"]
+    dst = student("Paris", add_special_tokens=False)["input_ids"]
+    assert teacher.convert_ids_to_tokens(src) == ["Par", "is"]
+    assert student.convert_ids_to_tokens(dst) == ["Pa", "ris"]
+    svocab = student.get_vocab()
+    nearest = {"Par": "Pa", "is": "i", "Pa": "Pa"}  # what MinED picks where the string is absent
+    src_to_dst = np.array(
+        [svocab.get(nearest.get(t, t), 0) for t in teacher.convert_ids_to_tokens(list(range(len(teacher))))]
+    )
+    vm = VocabMap(src_to_dst, np.zeros(len(student), dtype=np.int64))
+    topk_ids = np.array([[src[0], src[1]], [src[1], src[0]]])
+    topk_vals = np.array([[2.0, 1.0], [3.0, 0.5]])
+    out = align_topk_for_ids(src, dst, teacher, student, topk_ids, topk_vals, vm)
+    assert out.match.tolist() == [0, -1]
+    assert out.topk_ids[0].tolist() == [svocab["Pa"], svocab["i"]]  # the teacher's row, mapped
+    assert out.topk_ids[1].tolist() == [dst[1], -1] and out.topk_vals[1, 0] == 0.0  # one-hot on `ris`
+
+
+def test_agreeing_matches_keeps_equal_strings_and_mapped_pairs_only() -> None:
+    vm = VocabMap(np.array([10, 11, 12]), np.zeros(13, dtype=np.int64))
+    match = np.array([0, 1, 2, -1])
+    kept = agreeing_matches(
+        match,
+        np.array([0, 1, 2]),
+        np.array([99, 11, 98, 97]),
+        ["▁the", "x", "y"],
+        ["▁the", "z", "w", "v"],
+        vm,
+    )
+    # 0: same string (map disagrees); 1: the map sends 1 -> 11; 2: neither; 3: unmatched
+    assert kept.tolist() == [0, 1, -1, -1]

@@ -6,6 +6,7 @@ from fedcollm.align.normalize import WORD_START, TokenNormalizer, normalize_voca
 from fedcollm.align.search import brute_force_map, nearest_indices
 from fedcollm.align.sequence import (
     AlignedTopK,
+    agreeing_matches,
     align_positions,
     align_topk_for_ids,
     align_topk_for_text,
@@ -21,6 +22,7 @@ __all__ = [
     "TokenBridge",
     "TokenNormalizer",
     "VocabMap",
+    "agreeing_matches",
     "align_positions",
     "align_topk_for_ids",
     "align_topk_for_text",

@@ -1,8 +1,9 @@
 """A teacher's top-K distributions carried from its answer tokens onto a student's.
 
 When teacher and student tokenise the same answer differently, each student answer token gets
-the teacher's distribution at the teacher token aligned to it 1:1 (vocabulary mapped by MinED),
-or a one-hot on its own token where no 1:1 match exists (FedMKT, App. B).
+the teacher's distribution at the teacher token aligned to it 1:1 (vocabulary mapped by MinED)
+where the two tokens agree (the same string, or MinED maps one to the other: FuseLLM's soft
+alignment), or a one-hot on its own token elsewhere (FedMKT, App. B).
 """
 
 from __future__ import annotations

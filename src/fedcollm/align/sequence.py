@@ -4,8 +4,13 @@ FedMKT (App. B), following FuseLLM, tokenises the same text with both models' to
 aligns the two token sequences by dynamic programming (DTW whose local cost is the Levenshtein
 distance between normalised token strings) and, for every *target* position matched 1:1 to a
 source position, carries the source's top-K (token id, logit) pairs over through the MinED
-vocabulary map. Every other target position (1:many, many:1, unmatched) gets a one-hot on its
-own token. Output rows are sparse distributions of width K for a sparse softmax.
+vocabulary map -- but only where the two matched tokens agree: the same normalised string, or
+the vocabulary map sends the source token to the target one (FuseLLM's `transform_step_logits`,
+"soft" vocabulary alignment, which FedMKT's reference uses). DTW pairs different strings too
+(`['▁Par', 'is']` against `['▁Pa', 'ris']` pairs `is` with `ris`); the source's distribution
+there predicts another token than the target's own, so such a pair, like every other target
+position (1:many, many:1, unmatched), gets a one-hot on its own token. Output rows are sparse
+distributions of width K for a sparse softmax.
 
 Complexity: ``O(Ls * Ld)`` time and memory for the DTW (one int32 cost matrix from RapidFuzz's
 C++ ``cdist`` plus one int8 back-pointer matrix, i.e. ~5 bytes per cell: ~125 MB for
@@ -93,6 +98,33 @@ def align_positions(src_tokens: Sequence[str], dst_tokens: Sequence[str]) -> np.
     return match
 
 
+def agreeing_matches(
+    match: np.ndarray,
+    src_input_ids: np.ndarray,
+    dst_input_ids: np.ndarray,
+    src_tokens: Sequence[str],
+    dst_tokens: Sequence[str],
+    vocab_map: VocabMap,
+) -> np.ndarray:
+    """The 1:1 matches whose two tokens agree, -1 elsewhere (int64 ``[Ld]``).
+
+    A matched pair (i, j) agrees when the normalised strings are equal or the vocabulary map
+    sends source token ``src_input_ids[i]`` to target token ``dst_input_ids[j]`` -- FuseLLM's
+    test before it carries a distribution over (`transform_step_logits`, soft alignment).
+    """
+    match = np.asarray(match, dtype=np.int64)
+    out = np.full_like(match, -1)
+    table = vocab_map.src_to_dst
+    for j in np.flatnonzero(match >= 0).tolist():
+        i = int(match[j])
+        src_id = int(src_input_ids[i])
+        same_string = src_tokens[i] == dst_tokens[j]
+        mapped = 0 <= src_id < table.shape[0] and int(table[src_id]) == int(dst_input_ids[j])
+        if same_string or mapped:
+            out[j] = i
+    return out
+
+
 def map_topk(
     src_ids: np.ndarray,
     src_vals: np.ndarray,
@@ -163,7 +195,7 @@ class AlignedTopK:
     dst_input_ids: np.ndarray
     """int64 ``[Ld]``: the text's target token ids."""
     match: np.ndarray
-    """int64 ``[Ld]``: matched source position (1:1) or -1."""
+    """int64 ``[Ld]``: the source position matched 1:1 to an agreeing token (a soft target), or -1."""
     topk_ids: np.ndarray
     """int64 ``[Ld, K]``: target ids, padding -1."""
     topk_vals: np.ndarray
@@ -184,6 +216,9 @@ def align_topk_for_ids(
 ) -> AlignedTopK:
     """Align two tokenizations of one text and map the source top-K onto the target.
 
+    A target position gets the source's distribution only where it is matched 1:1 to a source
+    token that agrees with it (:func:`agreeing_matches`); elsewhere a one-hot on its own token.
+
     ``src_topk_*`` are ``[len(src_input_ids), K]``. Pass prebuilt normalisers to save their
     (small) construction cost when aligning many texts.
     """
@@ -198,7 +233,8 @@ def align_topk_for_ids(
     dst_norm = dst_norm or TokenNormalizer.from_tokenizer(dst_tok)
     src_tokens = src_norm.normalize_ids(src_tok, src_input_ids.tolist())
     dst_tokens = dst_norm.normalize_ids(dst_tok, dst_input_ids.tolist())
-    match = align_positions(src_tokens, dst_tokens)
+    pairs = align_positions(src_tokens, dst_tokens)
+    match = agreeing_matches(pairs, src_input_ids, dst_input_ids, src_tokens, dst_tokens, vocab_map)
     ids, vals = map_topk(src_topk_ids, src_topk_vals, match, dst_input_ids, vocab_map)
     return AlignedTopK(dst_input_ids=dst_input_ids, match=match, topk_ids=ids, topk_vals=vals)
 
