@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,3 +192,83 @@ def test_sparse_kd_with_a_one_hot_teacher_is_cross_entropy_and_ignores_padding()
     torch.testing.assert_close(kd_loss_sparse(s, ids, vals), expected)
     with pytest.raises(ValueError, match="empty distribution"):
         kd_loss_sparse(s, torch.full((2, 3), -1), vals)
+
+
+def _pair(tiny_llama: Path, tiny_llama_big: Path, dropout: float) -> tuple[Any, Any, list[Any], list[Any]]:
+    llm = load_with_lora(str(tiny_llama_big), LoraConfig(r=4, dropout=dropout), seed=0)
+    slm = load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=dropout), seed=1)
+    for lm in (llm, slm):  # nonzero B so the adapter (and its input dropout) changes the logits
+        set_adapter(lm.model, {k: np.full_like(v, 0.05) for k, v in get_adapter(lm.model).items()})
+        lm.model.train()
+    texts = [("Question: Plants need?\nAnswer:", " light and water"), ("The sun is", " a star")]
+    items = [[encode_pair(lm.tokenizer, c, a) for c, a in texts] for lm in (llm, slm)]
+    return llm, slm, items[0], items[1]
+
+
+def test_teachers_are_dropout_free_eval_mode_logits(
+    tiny_llama: Path, tiny_llama_big: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With LoRA dropout each KD term's target is the other model's eval-mode prediction, not
+    its dropout-thinned training logits; the students still train in train mode."""
+    from fedcollm.algorithms.fedcollm import distillation
+    from fedcollm.lm.encoding import collate
+    from fedcollm.lm.logits import target_logits
+
+    llm, slm, items_f, items_g = _pair(tiny_llama, tiny_llama_big, dropout=0.5)
+    teachers: list[torch.Tensor] = []
+    real_kd = distillation.kd_loss
+
+    def spy(student: torch.Tensor, teacher: torch.Tensor, *args: Any) -> torch.Tensor:
+        teachers.append(teacher.detach().clone())
+        return real_kd(student, teacher, *args)
+
+    monkeypatch.setattr(distillation, "kd_loss", spy)
+    torch.manual_seed(0)
+    distill_losses(llm.model, slm.model, items_f, items_g, llm_pad_id=0, slm_pad_id=0, cfg=DistillConfig())
+    assert llm.model.training and slm.model.training  # modes restored after the teacher passes
+    llm.model.eval()
+    slm.model.eval()
+    with torch.no_grad():
+        clean_g = target_logits(slm.model, collate(items_g, 0))
+        clean_f = target_logits(llm.model, collate(items_f, 0))
+    torch.testing.assert_close(teachers[0], clean_g)  # L_f's teacher: the SLM
+    torch.testing.assert_close(teachers[1], clean_f)  # L_g's teacher: the LLM
+
+
+@pytest.mark.parametrize(("dropout", "teacher_forwards"), [(0.0, 0), (0.1, 2)])
+def test_a_second_forward_runs_only_where_dropout_is_active(
+    tiny_llama: Path,
+    tiny_llama_big: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dropout: float,
+    teacher_forwards: int,
+) -> None:
+    from fedcollm.lm import dropout as dropout_module
+
+    llm, slm, items_f, items_g = _pair(tiny_llama, tiny_llama_big, dropout=dropout)
+    calls: list[int] = []
+    real = dropout_module.target_logits
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(dropout_module, "target_logits", counting)
+    distill_losses(llm.model, slm.model, items_f, items_g, llm_pad_id=0, slm_pad_id=0, cfg=DistillConfig())
+    assert len(calls) == teacher_forwards
+
+
+@pytest.mark.parametrize(("arch", "active"), [("llama", False), ("gpt2", True), ("opt", True)])
+def test_base_model_dropout_counts_as_active_in_training_only(
+    tmp_path: Path, arch: str, active: bool
+) -> None:
+    """GPT-2 drops through modules, OPT functionally (`config.dropout`); Llama's rates are 0."""
+    from fedcollm.lm.dropout import eval_mode, has_active_dropout
+    from tests.tiny import make_model
+
+    lm = load_with_lora(str(make_model(tmp_path / arch, arch)), LoraConfig(r=4, dropout=0.0), seed=0)
+    lm.model.train()
+    assert has_active_dropout(lm.model) is active
+    with eval_mode(lm.model):
+        assert not has_active_dropout(lm.model)
+    assert all(m.training for m in lm.model.modules())

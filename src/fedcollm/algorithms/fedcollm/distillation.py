@@ -1,7 +1,10 @@
 """FedCoLLM's server step (Eq. 4-6): mutual distillation between the LLM and the aggregated SLM.
 
 Each batch runs one forward of each model on the same auxiliary texts; each model's logits are
-its own student output and, detached, the other's teacher. Where the two models tokenise
+its own student output and, detached, the other's teacher -- where that forward runs no dropout.
+A model whose training forward drops activations (LoRA dropout, GPT-2's or OPT's base dropout)
+teaches from a second, no-grad forward in eval mode, as the reference computes teacher logits:
+noisy targets would otherwise change from one use of the same text to the next. Where the two models tokenise
 differently, each teacher's top-K distribution is carried onto the student's answer tokens by a
 `TokenBridge` (MinED vocabulary map, DTW sequence alignment).
 """
@@ -18,6 +21,7 @@ from peft import PeftModel
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import DistillConfig, TrainConfig
 from fedcollm.errors import FedcollmError
+from fedcollm.lm.dropout import teacher_logits
 from fedcollm.lm.encoding import Encoded, collate
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
 from fedcollm.protocol import StepCallback
@@ -74,13 +78,16 @@ def distill_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of Eq. 4-6 from one forward of each model: (L_f, L_g, KD term of f, KD term of g).
 
-    Each model's logits are its student output and, detached inside the KD loss, the other's
-    teacher, so backpropagating L_f + L_g reaches each adapter only through its own loss.
+    Each model's logits are its student output and, detached, the other's teacher (from a
+    separate eval-mode forward where the training one runs dropout: `lm.dropout.teacher_logits`),
+    so backpropagating L_f + L_g reaches each adapter only through its own loss.
     """
     batch_f = collate(list(llm_items), llm_pad_id)
     batch_g = collate(list(slm_items), slm_pad_id)
     f_logits = target_logits(llm, batch_f)
     g_logits = target_logits(slm, batch_g)
+    f_teacher = teacher_logits(llm, batch_f, f_logits)
+    g_teacher = teacher_logits(slm, batch_g, g_logits)
     if bridges is None:
         # The same answer ids, position by position (torch.equal is False for other lengths too).
         if not torch.equal(batch_f.targets, batch_g.targets):
@@ -89,11 +96,12 @@ def distill_losses(
                 "be compared position by position; token alignment is needed (pass bridges)"
             )
         vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embedding rows past the tokenizer
-        kd_f = kd_loss(f_logits[:, :vocab], g_logits[:, :vocab], cfg.temperature, direction, cfg.kd_reduction)
-        kd_g = kd_loss(g_logits[:, :vocab], f_logits[:, :vocab], cfg.temperature, direction, cfg.kd_reduction)
+        kd_args = (cfg.temperature, direction, cfg.kd_reduction)
+        kd_f = kd_loss(f_logits[:, :vocab], g_teacher[:, :vocab], *kd_args)
+        kd_g = kd_loss(g_logits[:, :vocab], f_teacher[:, :vocab], *kd_args)
     else:
-        g_ids, g_vals = aligned_teacher(f_logits, llm_items, slm_items, bridges[0], cfg.top_k)
-        f_ids, f_vals = aligned_teacher(g_logits, slm_items, llm_items, bridges[1], cfg.top_k)
+        g_ids, g_vals = aligned_teacher(f_teacher, llm_items, slm_items, bridges[0], cfg.top_k)
+        f_ids, f_vals = aligned_teacher(g_teacher, slm_items, llm_items, bridges[1], cfg.top_k)
         kd_f = kd_loss_sparse(f_logits, f_ids, f_vals, cfg.temperature, cfg.kd_reduction)
         kd_g = kd_loss_sparse(g_logits, g_ids, g_vals, cfg.temperature, cfg.kd_reduction)
     loss_f = answer_cross_entropy(f_logits, batch_f) + cfg.kd_weight * kd_f
@@ -130,7 +138,8 @@ def mutual_distill(
     """FedCoLLM's server step (Eq. 4-6): R epochs of joint updates on the auxiliary set.
 
     Per batch each model runs one forward: its logits are the student output for its own loss
-    and, detached, the teacher for the other model. L_f = CE(f) + lambda*KL(g||f) trains the
+    and, detached, the teacher for the other model (a model with active dropout adds one no-grad
+    eval-mode forward for its teacher logits). L_f = CE(f) + lambda*KL(g||f) trains the
     LLM adapter and L_g = CE(g) + lambda*KL(f||g) the SLM adapter, each with its own optimiser.
     `llm_examples[i]` and `slm_examples[i]` are the same text in each model's tokenisation.
     Without `bridges` both must tokenise it alike and the KL is exact over the shared vocabulary;
