@@ -172,3 +172,56 @@ def test_fedavg_of_adapters_needs_homogeneous_clients(
     assert any("same SLM" in problem for problem in FedMKT.check_config(cfg))
     with pytest.raises(ConfigError, match="same SLM"):
         check_config(cfg)
+
+
+def test_select_teachers_falls_back_to_the_learners_own_rows_only_when_asked() -> None:
+    from fedcollm.algorithms.fedmkt.knowledge import KnowledgeSet, select_teachers
+
+    def knowledge(fill: int) -> KnowledgeSet:
+        lengths = np.array([1, 2], dtype=np.int32)
+        return KnowledgeSet(
+            np.zeros(2, np.float32), lengths, np.full((3, 2), fill, np.int32), np.zeros((3, 2), np.float32)
+        )
+
+    teacher, own = knowledge(7), knowledge(3)
+    chosen = np.array([0, -1])
+    assert select_teachers(chosen, [teacher])[1] is None
+    with_own = select_teachers(chosen, [teacher], own)
+    assert with_own[0] is not None and with_own[0][0].tolist() == [[7, 7]]
+    assert with_own[1] is not None and with_own[1][0].tolist() == [[3, 3], [3, 3]]
+
+
+@pytest.mark.parametrize("target", ["none", "own"])
+def test_no_teacher_target_decides_whether_every_public_sample_carries_kd(
+    tiny_llama: Path,
+    tiny_other_tokenizer: Path,
+    tiny_llama_big: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    target: str,
+) -> None:
+    """"own" (FATE-LLM's reference): a sample no teacher beats distils toward the learner's own
+    distribution, so the LLM and every client get a KD target for every public sample; "none"
+    (default): only DualMinCE's selected samples do, as many as the `selected` metrics say."""
+    from fedcollm.algorithms.fedmkt import algorithm as fedmkt_algorithm
+
+    calls: list[list[object]] = []
+    real = fedmkt_algorithm.train_with_knowledge
+
+    def spy(model: object, examples: object, teachers: list[object], **kwargs: object) -> object:
+        calls.append(list(teachers))
+        return real(model, examples, teachers, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fedmkt_algorithm, "train_with_knowledge", spy)
+    overrides = {"fedmkt": {"no_teacher_target": target}}
+    cfg = build_config(fedmkt_config(tiny_llama, tiny_other_tokenizer, tiny_llama_big, **overrides))
+    run_experiment(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    selected = [m["value"] for m in metrics if m["metric"] in ("selected", "kd_selected")]
+    assert len(calls) == len(selected) == 2 + 2 * 2  # the LLM in rounds 1-2, both clients in 2-3
+    with_teacher = [sum(t is not None for t in teachers) for teachers in calls]
+    assert min(selected) < len(calls[0])  # some sample had no teacher better than the learner
+    if target == "own":
+        assert all(n == len(teachers) for n, teachers in zip(with_teacher, calls, strict=True))
+    else:
+        assert sorted(with_teacher) == sorted(int(v) for v in selected)

@@ -164,6 +164,15 @@ class FedMKTConfig(_Section):
     fedavg_homogeneous: bool = Field(
         False, description="Clients that all run the same SLM also FedAvg their adapters each round."
     )
+    no_teacher_target: Literal["none", "own"] = Field(
+        "none",
+        description=(
+            "KD target of a sample no teacher beats (DualMinCE): none = no KD there, the KD term "
+            "averaged over the selected samples' answer positions (the paper's selective transfer); "
+            "own = the learner's own top-K distribution from before this training phase, so every "
+            "answer position carries KD (FATE-LLM's reference, its 'greater' strategy)."
+        ),
+    )
 
 
 class CrossLMConfig(_Section):

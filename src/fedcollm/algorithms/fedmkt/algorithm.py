@@ -96,7 +96,7 @@ class FedMKT(Algorithm):
     secure_aggregation = False
     evaluates_on_clients = True
     server_state_keys = ("own_loss", "server_knowledge", "adapter_avg", "llm_version", "knowledge_rounds")
-    client_state_keys = ("adapter", "own_loss")
+    client_state_keys = ("adapter", "own_loss", "own_knowledge")
 
     @classmethod
     def check_config(cls, config: ExperimentConfig) -> list[str]:
@@ -170,10 +170,7 @@ class FedMKT(Algorithm):
             max_top_k=mkt.top_k,
         )
         public = self._client_public(client)
-        if refresh_loss or "own_loss" not in client.state:
-            own_loss = self._client_knowledge(client, reporter).loss
-        else:
-            own_loss = client.state["own_loss"]["loss"]
+        own_loss, own = self._client_own(client, reporter, refresh_loss)
         reporter.phase(f"round {rnd} · client {client.client_id} aligning the server's knowledge")
         bridge = client.resources.bridge(llm_name, client.slm.name)
         aligned = align_knowledge(
@@ -184,7 +181,7 @@ class FedMKT(Algorithm):
         result = train_with_knowledge(
             client.slm.model,
             public,
-            select_teachers(chosen, [aligned]),
+            select_teachers(chosen, [aligned], own),
             pad_id=client.slm.pad_id,
             lr=config.slm.lr,
             cfg=config.train,
@@ -196,11 +193,29 @@ class FedMKT(Algorithm):
         )
         client.state["adapter"] = get_adapter(client.slm.model)
         client.state.pop("own_loss", None)  # the adapter changed
+        client.state.pop("own_knowledge", None)
         return {
             "kd_loss": result.mean_loss,
             "kd_kd": result.mean_kd,
-            "kd_selected": float(result.num_selected),
+            "kd_selected": float((chosen >= 0).sum()),
         }
+
+    def _client_own(
+        self, client: ClientRuntime, reporter: Reporter, refresh: bool
+    ) -> tuple[np.ndarray, KnowledgeSet | None]:
+        """The client's own per-sample public loss, and its own set where `no_teacher_target = "own"`.
+
+        Both are kept from ClientUpdate1 unless the adapter changed since (`refresh`: a FedAvg'd
+        adapter arrived) or they are missing.
+        """
+        wants_own = self.config.fedmkt.no_teacher_target == "own"
+        missing = "own_loss" not in client.state or (wants_own and "own_knowledge" not in client.state)
+        stale = refresh or missing
+        if stale:
+            knowledge = self._client_knowledge(client, reporter)
+            return knowledge.loss, knowledge if wants_own else None
+        own = KnowledgeSet.unpack(client.state["own_knowledge"], who="this client") if wants_own else None
+        return client.state["own_loss"]["loss"], own
 
     def client_fit(
         self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
@@ -223,6 +238,8 @@ class FedMKT(Algorithm):
         adapter = get_adapter(client.slm.model)
         client.state["adapter"] = adapter
         client.state["own_loss"] = {"loss": knowledge.loss}
+        if config.fedmkt.no_teacher_target == "own":
+            client.state["own_knowledge"] = knowledge.pack()
         arrays = knowledge.pack(UP)
         metrics |= {
             "train_loss": result.mean_loss,
@@ -323,6 +340,22 @@ class FedMKT(Algorithm):
             on_batch=lambda b, total: reporter.advance(b, total),
         )
 
+    def _llm_own(self, server: ServerRuntime, reporter: Reporter) -> tuple[np.ndarray, KnowledgeSet | None]:
+        """The LLM's own per-sample public loss, and its own set where `no_teacher_target = "own"`.
+
+        After round 1 both come from the set the LLM computed at the end of the previous round
+        (the knowledge it sends down, `server_knowledge`); round 1 computes them.
+        """
+        if self.config.fedmkt.no_teacher_target != "own":
+            if "own_loss" not in server.state:
+                server.state["own_loss"] = self._llm_knowledge(server, reporter, top_k=0).loss
+            return server.state["own_loss"], None
+        if "server_knowledge" in server.state:
+            own = KnowledgeSet.unpack(server.state["server_knowledge"], DOWN, who="the server")
+        else:
+            own = self._llm_knowledge(server, reporter, top_k=self.config.fedmkt.top_k)
+        return own.loss, own
+
     def server_update(
         self, server: ServerRuntime, aggregate: Arrays, rnd: int, reporter: Reporter
     ) -> list[Metric]:
@@ -343,9 +376,7 @@ class FedMKT(Algorithm):
         if "public_llm" not in server.state:
             server.state["public_llm"] = llm.encode_sft(server.aux_requests, config.train.max_length)
         public = server.state["public_llm"]
-        if "own_loss" not in server.state:
-            server.state["own_loss"] = self._llm_knowledge(server, reporter, top_k=0).loss
-        own_loss = server.state["own_loss"]
+        own_loss, own = self._llm_own(server, reporter)
         width = logit_width(llm.model)
         clients = sorted(uploads)
         aligned = []
@@ -360,11 +391,12 @@ class FedMKT(Algorithm):
                 )
             )
         chosen = dual_min_ce(np.stack([a.loss for a in aligned]), own_loss)
-        reporter.phase(f"round {rnd} · server trains the LLM (L2, {int((chosen >= 0).sum())} selected)", None)
+        selected = int((chosen >= 0).sum())
+        reporter.phase(f"round {rnd} · server trains the LLM (L2, {selected} selected)", None)
         result = train_with_knowledge(
             llm.model,
             public,
-            select_teachers(chosen, aligned),
+            select_teachers(chosen, aligned, own),
             pad_id=llm.pad_id,
             lr=config.llm.lr,
             cfg=config.train,
@@ -382,7 +414,7 @@ class FedMKT(Algorithm):
             Metric(rnd, "llm", None, "train_loss", result.mean_loss),
             Metric(rnd, "llm", None, "train_ce", result.mean_ce),
             Metric(rnd, "llm", None, "train_kd", result.mean_kd),
-            Metric(rnd, "llm", None, "selected", float(result.num_selected)),
+            Metric(rnd, "llm", None, "selected", float(selected)),
             Metric(rnd, "llm", None, "public_loss", float(np.mean(server_set.loss))),
         ]
         metrics += [

@@ -285,9 +285,21 @@ Teacher = tuple[np.ndarray, np.ndarray]
 """(ids [n_target, K], values [n_target, K]) for one example in the learner's vocabulary."""
 
 
-def select_teachers(chosen: np.ndarray, sets: Sequence[KnowledgeSet]) -> list[Teacher | None]:
-    """Each sample's rows from the set DualMinCE chose for it (None where none was chosen)."""
-    return [None if k < 0 else sets[k].rows(i) for i, k in enumerate(chosen.tolist())]
+def select_teachers(
+    chosen: np.ndarray, sets: Sequence[KnowledgeSet], own: KnowledgeSet | None = None
+) -> list[Teacher | None]:
+    """Each sample's rows from the set DualMinCE chose for it.
+
+    Where none was chosen: the learner's `own` rows if given (FATE-LLM's reference, whose
+    'greater' strategy picks the best of the learner's own and the teachers' distributions),
+    else None (no KD for that sample).
+    """
+    if own is not None and len(own) != len(chosen):
+        raise ValueError(f"the learner's own set covers {len(own)} samples, not {len(chosen)}")
+    return [
+        (own.rows(i) if own is not None else None) if k < 0 else sets[k].rows(i)
+        for i, k in enumerate(chosen.tolist())
+    ]
 
 
 @dataclass(frozen=True)
