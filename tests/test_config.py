@@ -67,7 +67,31 @@ def test_resolved_config_round_trips_through_toml() -> None:
     cfg = ExperimentConfig()
     again = build_config(tomllib.loads(cfg.to_toml()))
     assert again == cfg
-    assert again.eval.split == "validation"
+    assert again.eval_split == "test"  # ARC-Easy, the default task: lm-eval's split for it
+
+
+@pytest.mark.parametrize(
+    ("task", "split"),
+    [
+        ("arc_easy", "test"),
+        ("arc_challenge", "test"),
+        ("openbookqa", "test"),
+        ("commonsense_qa", "validation"),
+    ],
+)
+def test_evaluation_defaults_to_where_lm_eval_scores_the_task(task: str, split: str) -> None:
+    assert build_config({"task": {"name": task}}).eval_split == split
+    chosen = build_config({"task": {"name": task, "eval_split": "train"}})
+    assert chosen.eval_split == chosen.eval.split == "train"
+
+
+def test_a_comparison_task_takes_its_own_default_split_unless_one_was_set() -> None:
+    from fedcollm.experiment.plan import variant
+
+    base = build_config({"task": {"name": "arc_easy"}})
+    assert variant(base, "commonsense_qa", "fedavg").eval_split == "validation"
+    fixed = build_config({"task": {"name": "arc_easy", "eval_split": "train"}})
+    assert variant(fixed, "commonsense_qa", "fedavg").eval_split == "train"
 
 
 def test_missing_and_broken_files_are_named(tmp_path: Path) -> None:

@@ -18,9 +18,13 @@ from fedcollm.algorithms.crosslm.synthetic import (
     OK,
     TRUNCATED,
     Generation,
+    SamplingSettings,
     build_prompt,
     completion_of,
+    encode_prompt,
+    encode_written,
     format_block,
+    generate_texts,
     mark_duplicates,
     pack_questions,
     parse_generation,
@@ -31,6 +35,7 @@ from fedcollm.config import LoraConfig, TrainConfig, build_config
 from fedcollm.data import MCQuestion
 from fedcollm.engines import run_experiment
 from fedcollm.lm.encoding import Encoded, collate
+from fedcollm.lm.loading import load_tokenizer, needs_bos
 from fedcollm.lm.logits import answer_cross_entropy
 from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.lm.models import load_with_lora
@@ -196,6 +201,52 @@ def test_shuffled_choices_keep_the_gold_text_and_packing_round_trips() -> None:
     assert unpack_questions(pack_questions([], SYNTHETIC), SYNTHETIC) == []
 
 
+# ------------------------------------------------------------------------------ the write objective
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_the_write_objective_conditions_on_the_token_ids_generation_saw(
+    tiny_llama_big: Path, monkeypatch: pytest.MonkeyPatch, add_bos: bool
+) -> None:
+    """The ids `model.generate` receives (padding removed) are the write example's context."""
+    llm = load_with_lora(str(tiny_llama_big), LoraConfig(r=4), seed=0)
+    demos = [
+        MCQuestion(f"d{i}", f"Which is number {i}?", ("one", "two", "three", "four"), i % 4) for i in range(3)
+    ]
+    prompts = [build_prompt("Write a question.", demos[: n + 1]) for n in range(3)]  # different lengths
+    seen: list[list[int]] = []
+    generate = llm.model.generate
+
+    def recording(*, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True))
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(llm.model, "generate", recording)
+    settings = SamplingSettings(max_new_tokens=8, batch_size=3)
+    generate_texts(llm.model, llm.tokenizer, prompts, add_bos=add_bos, settings=settings, seed=0)
+    assert len(seen) == len(prompts)
+    completion = completion_of(demos[0])
+    for prompt, ids in zip(prompts, seen, strict=True):
+        written = encode_written(llm.tokenizer, prompt, completion, add_bos=add_bos)
+        assert list(written.input_ids[: written.n_context]) == ids
+        assert (ids[0] == llm.tokenizer.bos_token_id) == add_bos
+        assert llm.tokenizer.decode(written.answer_ids) == completion
+
+
+def test_a_token_merging_across_the_prompt_boundary_leaves_the_prompt_as_generation_saw_it(
+    tiny_llama: Path,
+) -> None:
+    tokenizer = load_tokenizer(str(tiny_llama))
+    prompt, completion = "Ques", "tion: Which gas?"  # "Question" is one token of the tiny vocabulary
+    assert (
+        tokenizer(prompt + completion)["input_ids"][: len(tokenizer(prompt)["input_ids"])]
+        != (tokenizer(prompt)["input_ids"])
+    )
+    written = encode_written(tokenizer, prompt, completion, add_bos=False)
+    assert list(written.input_ids[: written.n_context]) == encode_prompt(tokenizer, prompt, add_bos=False)
+    assert tokenizer.decode(written.answer_ids) == completion
+
+
 # ------------------------------------------------------------------------------ privacy of the feedback
 
 
@@ -304,6 +355,94 @@ def test_tiny_run_with_a_scripted_generator_trains_both_sides_and_saves_each_rou
     assert "held-out task arc_challenge" in results and "| 1 | 6 | 3 | 50% |" in results
     comm = json.loads((out / "communication.json").read_text())
     assert all(r["up_params"] == 2 * 4 for r in comm["rounds"])  # 2 clients x (1 check + 3 scores)
+
+
+def _one_round_with(
+    monkeypatch: pytest.MonkeyPatch, generations: list[Generation]
+) -> tuple[list[str], list[tuple[list[Encoded], list[float]]]]:
+    """Script the generator and the SLMs' scores (all well above chance), record the LLM's SFT."""
+    prompts: list[str] = []
+    trained: list[tuple[list[Encoded], list[float]]] = []
+
+    def scripted(model, tokenizer, given, **kwargs) -> list[Generation]:
+        prompts.extend(given)
+        return generations[: len(given)]
+
+    def recording_sft(config, llm, examples, rnd, reporter, **kwargs):
+        trained.append((list(examples), list(kwargs["weights"])))
+        return llm_sft(config, llm, examples, rnd, reporter, **kwargs)
+
+    llm_sft = crosslm_module.llm_sft
+    monkeypatch.setattr(crosslm_module, "generate_texts", scripted)
+    monkeypatch.setattr(crosslm_module, "llm_sft", recording_sft)
+    monkeypatch.setattr(crosslm_module, "choice_probabilities", lambda lm, qs, **kw: np.full(len(qs), 0.9))
+    return prompts, trained
+
+
+def _candidate(i: int) -> Generation:
+    return Generation(f" Which is item {i}?\nA. w{i}\nB. x{i}\nC. y{i}\nD. z{i}\nAnswer: C\n\n", True)
+
+
+def test_the_write_objective_keeps_a_generation_prompt_longer_than_train_max_length(
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the prompt was encoded with max_length and lost its left (its instruction)."""
+    max_length = 48
+    prompts, trained = _one_round_with(monkeypatch, [_candidate(i) for i in range(3)])
+    config = build_config(
+        _crosslm_config(tiny_llama, tiny_llama_big, num_candidates=3, shots=1, closing_round=False)
+        | {
+            "federation": {"rounds": 1, "num_clients": 2},
+            "train": {"batch_size": 4, "max_length": max_length},
+        }
+    )
+    out = tmp_path / "run"
+    run_experiment(config, out)
+
+    tokenizer = load_tokenizer(str(tiny_llama_big))
+    seen = [encode_prompt(tokenizer, p, add_bos=needs_bos(tokenizer)) for p in prompts]
+    assert len(trained) == 1 and all(len(ids) > max_length for ids in seen)
+    examples, weights = trained[0]
+    assert len(examples) == 6  # per candidate, its answer example then its write example
+    written = examples[1::2]
+    assert weights == [1.0] * 6  # equal scores: unit weights, generation_loss_weight 1
+    assert [list(e.input_ids[: e.n_context]) for e in written] == seen
+    assert all(tokenizer.decode(e.answer_ids).startswith(" Which is item") for e in written)
+    skipped = [m for m in read_metrics(out) if m["metric"] == "write_skipped"]
+    assert [(m["round"], m["role"], m["value"]) for m in skipped] == [(1, "server", 0.0)]
+
+
+def test_a_write_example_beyond_the_context_window_is_skipped_and_counted(
+    tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny LLM's window is 512 tokens; one candidate's prompt + block is longer.
+
+    One demonstration per prompt: the tiny tokenizer needs a token per 1.4 characters, and three
+    would already take the prompts past 512 tokens."""
+    long = "".join(chr(0x3B1 + i % 20) for i in range(150))  # Greek letters: 2 bytes, no merges
+    huge = Generation(f" {long}?\nA. {long}a\nB. {long}b\nC. {long}c\nD. short\nAnswer: D\n\n", True)
+    prompts, trained = _one_round_with(monkeypatch, [_candidate(0), huge, _candidate(2)])
+    config = build_config(
+        _crosslm_config(tiny_llama, tiny_llama_big, num_candidates=3, shots=1, closing_round=False)
+        | {"federation": {"rounds": 1, "num_clients": 2}}
+    )
+    out = tmp_path / "run"
+    run_experiment(config, out)
+
+    tokenizer = load_tokenizer(str(tiny_llama_big))
+    record = json.loads((out / "synthetic" / "round_1.jsonl").read_text().splitlines()[1])
+    assert record["status"] == OK and record["selected"]
+    question = MCQuestion("r1-1", record["question"], tuple(record["choices"]), record["gold"])
+    assert len(encode_written(tokenizer, prompts[1], completion_of(question), add_bos=False).input_ids) > 512
+    examples, weights = trained[0]
+    seen = [encode_prompt(tokenizer, p, add_bos=False) for p in prompts]
+    # Per kept candidate, its answer example then its write example: candidate 1 has no write one.
+    assert len(examples) == len(weights) == 3 + 2
+    assert [list(e.input_ids[: e.n_context]) for e in (examples[1], examples[4])] == [seen[0], seen[2]]
+    answers = [tokenizer.decode(e.answer_ids) for e in (examples[0], examples[2], examples[3])]
+    assert answers == [" y0", " short", " y2"]  # the gold choices (shuffled, the text follows)
+    skipped = [m for m in read_metrics(out) if m["metric"] == "write_skipped"]
+    assert [(m["round"], m["role"], m["value"]) for m in skipped] == [(1, "server", 1.0)]
 
 
 def test_a_round_of_garbage_generations_is_discarded_without_crashing(

@@ -10,8 +10,10 @@ float32 rounding.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,9 +26,10 @@ pytest.importorskip(
 
 from tokenizers import Tokenizer, processors
 
+from fedcollm.config import default_eval_split
 from fedcollm.data import MCQuestion, load_questions, render
 from fedcollm.evaluation import harness
-from fedcollm.evaluation.multiple_choice import evaluate
+from fedcollm.evaluation.multiple_choice import context_window, evaluate
 from fedcollm.lm.loading import load_base_model, load_tokenizer, needs_bos, resolve_model
 from tests.tiny import make_model
 
@@ -34,7 +37,9 @@ TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa")
 
 
 def _questions(tasks: Sequence[str], n: int) -> dict[str, list[MCQuestion]]:
-    return {task: load_questions(task, "validation", "olmo", limit=n) for task in tasks}
+    """The first `n` questions of each task's evaluation split: where lm-eval scores it (test for
+    ARC and OpenBookQA, validation for CommonsenseQA)."""
+    return {task: load_questions(task, default_eval_split(task), "olmo", limit=n) for task in tasks}
 
 
 def assert_parity(model_name: str, questions: Mapping[str, list[MCQuestion]], folder: Path) -> dict[str, Any]:
@@ -96,6 +101,40 @@ def test_local_task_copies_lm_evals_config(tmp_path: Path) -> None:
 def test_parity_tiny_llama_all_tasks(tiny_llama: Path, tmp_path: Path) -> None:
     """50 questions of each task on a tiny random llama: acc/acc_norm equal per question."""
     assert_parity(str(tiny_llama), _questions(TASKS, 50), tmp_path)
+
+
+def test_long_contexts_are_cut_on_the_left_as_lm_eval_cuts_them(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A model with a 64-token window: lm-eval keeps the last 65 tokens of context+continuation
+    and feeds 64; our default cut (the model's window, not `train.max_length`) must give the same
+    log-likelihoods, question by question."""
+    folder = make_model(tmp_path_factory.mktemp("tiny-short-window"), "llama", seed=5)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    questions = _questions(("arc_easy",), 10)
+    tokenizer = load_tokenizer(str(folder))
+    lengths = [len(tokenizer(render("arc_easy", q).context)["input_ids"]) for q in questions["arc_easy"]]
+    assert max(lengths) > 64  # the cut happens
+    assert_parity(str(folder), questions, tmp_path_factory.mktemp("tasks"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma3_text"])
+def test_context_window_is_lm_evals_max_length(arch: str, tmp_path: Path) -> None:
+    from lm_eval.models.utils import DEFAULT_MAX_LENGTH, resolve_max_length
+
+    folder = make_model(tmp_path / arch, arch)
+    model, tokenizer = load_base_model(str(folder)), load_tokenizer(str(folder))
+    assert context_window(model, tokenizer) == resolve_max_length(
+        model.config, tokenizer, default=DEFAULT_MAX_LENGTH
+    )
+    no_length = SimpleNamespace(config=SimpleNamespace())  # a config without a window
+    for limit in (77, 1000000000000000019884624838656):  # the tokenizer's, then unset
+        tokenizer.model_max_length = limit
+        assert context_window(no_length, tokenizer) == resolve_max_length(  # type: ignore[arg-type]
+            no_length.config, tokenizer, default=DEFAULT_MAX_LENGTH
+        )
 
 
 @pytest.mark.parametrize("tokenizer_adds_bos", [False, True])

@@ -247,7 +247,10 @@ def eval_(
     model: Annotated[str, typer.Option(help="Offline alias, hub id, local folder or .gguf file.")],
     task: Annotated[str, typer.Option(help="Task name, e.g. arc_easy.")],
     adapter: Annotated[Path | None, typer.Option(help="A peft adapter folder to apply.")] = None,
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "validation",
+    split: Annotated[
+        str | None,
+        typer.Option(help="Split to evaluate; default: where lm-eval scores the task (test, or validation)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate a seeded subset of N questions.")] = None,
     source: Annotated[str, typer.Option(help='"auto", "olmo", "hub" or a JSONL path.')] = "auto",
     format_: Annotated[str, typer.Option("--format", help='"lm_eval" or "answer_text".')] = "lm_eval",
@@ -279,6 +282,7 @@ def eval_(
 
     if dtype not in ("auto", *DTYPES):
         raise _fail(f"unknown --dtype {dtype!r}; use 'float32', 'bfloat16' or 'auto'")
+    from fedcollm.config import default_eval_split
     from fedcollm.data import load_questions, render, sample_indices
     from fedcollm.evaluation.multiple_choice import evaluate
     from fedcollm.lm.loading import load_base_model, load_tokenizer, needs_bos
@@ -286,6 +290,7 @@ def eval_(
     from fedcollm.lm.precision import torch_dtype
 
     _quiet_libraries()
+    split = split or default_eval_split(task)
     pool = load_questions(task, split, source)
     questions = [pool[i] for i in sample_indices(len(pool), limit, seed)]
     requests = [render(task, q, format_) for q in questions]

@@ -30,6 +30,21 @@ Role = Literal["slm", "llm"]
 """The two models of a run: the clients' small model and the server's large one."""
 
 
+LM_EVAL_SPLITS: dict[str, str] = {
+    "arc_easy": "test",
+    "arc_challenge": "test",
+    "openbookqa": "test",
+    "commonsense_qa": "validation",
+}
+"""The split lm-evaluation-harness 0.4 scores each packaged task on (its task YAML's `test_split`
+where the task has labelled test answers; CommonsenseQA's are not public, so `validation`)."""
+
+
+def default_eval_split(task: str) -> str:
+    """Where lm-eval evaluates `task` (`LM_EVAL_SPLITS`); "validation" for a task it does not list."""
+    return LM_EVAL_SPLITS.get(task, "validation")
+
+
 def _known_algorithm_name(value: Any) -> Any:
     """A clear error for an unknown algorithm name, with the closest one suggested."""
     if isinstance(value, str) and value not in ALGORITHM_NAMES:
@@ -71,7 +86,11 @@ class TaskConfig(_Section):
     source: str = Field("auto", description='"auto", "olmo", "hub" or a path to a JSONL file.')
     format: str = Field("lm_eval", description='Prompt format: "lm_eval" or "answer_text".')
     train_split: str = Field("train", description="Split the clients' shards and D_a come from.")
-    eval_split: str = Field("validation", description="Split accuracy is measured on.")
+    eval_split: str | None = Field(
+        None,
+        description="Split accuracy is measured on; none = where lm-evaluation-harness scores the "
+        "task: test for ARC-Easy, ARC-Challenge and OpenBookQA, validation for CommonsenseQA.",
+    )
     train_limit: int | None = Field(
         None, ge=1, description="Use only the first N training questions (CPU-scale runs)."
     )
@@ -117,7 +136,13 @@ class TrainConfig(_Section):
 
     epochs: int = Field(1, ge=1, description="Local epochs E per round.")
     batch_size: int = Field(4, ge=1, description="Examples per optimiser step.")
-    max_length: int = Field(256, ge=8, description="Longest token sequence; longer ones are cut on the left.")
+    max_length: int = Field(
+        256,
+        ge=8,
+        description="Longest training sequence (fine-tuning, distillation, knowledge sets); longer ones "
+        "are cut on the left. Evaluation cuts at the model's own window, as lm-eval does; CrossLM's "
+        "write objective keeps its whole generation prompt.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(
         0.0, ge=0, lt=1, description="Share of steps with linear warmup (then linear decay)."
@@ -208,7 +233,9 @@ class CrossLMConfig(_Section):
     heldout_task: str | None = Field(
         "arc_easy", description="Task the LLM is never trained on, evaluated for general ability."
     )
-    heldout_split: str = Field("validation", description="Split of the held-out task.")
+    heldout_split: str | None = Field(
+        None, description="Split of the held-out task; none = where lm-evaluation-harness scores it."
+    )
     heldout_format: str = Field("lm_eval", description="Prompt format of the held-out task.")
     heldout_source: str = Field("auto", description="Data source of the held-out task.")
     heldout_limit: int | None = Field(
@@ -303,14 +330,16 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _eval_split_default(self) -> ExperimentConfig:
-        if self.eval.split is None:
+        if self.eval.split is None and self.task.eval_split is not None:
             self.eval.split = self.task.eval_split
         return self
 
     @property
     def eval_split(self) -> str:
-        """The split accuracy is measured on (`eval.split`, else `task.eval_split`)."""
-        return self.eval.split or self.task.eval_split
+        """The split accuracy is measured on: `eval.split`, else `task.eval_split`, else where
+        lm-eval scores the task. An unset split stays unset in the config, so a comparison that
+        changes the task (`experiment.plan.variant`) evaluates each task on its own default."""
+        return self.eval.split or self.task.eval_split or default_eval_split(self.task.name)
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML (None values omitted, as TOML has no null)."""

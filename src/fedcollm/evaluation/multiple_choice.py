@@ -59,6 +59,40 @@ def _stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
 
 
+LM_EVAL_DEFAULT_MAX_LENGTH = 2048
+"""HFLM's window where neither the config nor the tokenizer gives one (`DEFAULT_MAX_LENGTH`)."""
+_TOKENIZER_INFINITY = 1000000000000000019884624838656
+"""transformers' `model_max_length` of a tokenizer that sets none."""
+
+
+def context_window(model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest input lm-evaluation-harness 0.4 feeds `model` (HFLM's `max_length`).
+
+    lm-eval's `resolve_max_length`, re-stated because lm-eval is an optional extra (a test holds
+    the two equal): the text config's `n_positions`, `max_position_embeddings` or `n_ctx`, in
+    that order, else the tokenizer's `model_max_length` unless unset, else 2048.
+    """
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(text, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit != _TOKENIZER_INFINITY:
+        return int(limit)
+    return LM_EVAL_DEFAULT_MAX_LENGTH
+
+
+def scoring_length(model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens of context+continuation kept when a choice is scored: the last window + 1.
+
+    lm-eval keeps `(context + continuation)[-(max_length + 1):]` and feeds all but the last token,
+    so the model sees at most its window and the left of a long context is cut.
+    """
+    return context_window(model, tokenizer) + 1
+
+
 @dataclass(frozen=True)
 class EncodedRequests:
     """Every (question, choice) sequence of a request set, encoded once for one tokenizer."""
@@ -282,7 +316,13 @@ def evaluate(
     max_length: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Zero-shot accuracy of a model on multiple-choice requests."""
+    """Zero-shot accuracy of a model on multiple-choice requests.
+
+    Long sequences lose tokens on the left as lm-eval cuts them: to `max_length` tokens of
+    context+continuation, by default `scoring_length(model, tokenizer)`.
+    """
+    if max_length is None:
+        max_length = scoring_length(model, tokenizer)
     encoded = (
         requests
         if isinstance(requests, EncodedRequests)

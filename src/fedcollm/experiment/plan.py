@@ -71,7 +71,11 @@ def local_model_config(name: str) -> PretrainedConfig | None:
 
 
 def variant(base: ExperimentConfig, task: str, method: str) -> ExperimentConfig:
-    """The base configuration with only the task and the algorithm changed (one run of a comparison)."""
+    """The base configuration with only the task and the algorithm changed (one run of a comparison).
+
+    An evaluation split left unset stays unset, so each task is scored where lm-eval scores it
+    (`ExperimentConfig.eval_split`); one that was set stays set.
+    """
     data = base.model_dump(mode="json")
     data["algorithm"] = method
     data["task"]["name"] = task

@@ -177,7 +177,7 @@ def results_markdown(config: ExperimentConfig, metrics: Sequence[Metric], comm: 
         f"# {config.name}: {config.algorithm} on {config.task.name}",
         "",
         f"{config.federation.num_clients} clients, {config.federation.rounds} rounds, "
-        f"evaluation on {config.eval.split} (n = {_n(metrics)}), seed {config.seed}, "
+        f"evaluation on {config.eval_split} (n = {_n(metrics)}), seed {config.seed}, "
         f"base models in {dtype_text(config.dtype)}.",
         "",
         "| model | name | acc before | acc after | acc_norm before | acc_norm after |",

@@ -7,7 +7,7 @@ from typing import Any
 
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCRequest
-from fedcollm.evaluation.multiple_choice import EncodedRequests, encode_requests
+from fedcollm.evaluation.multiple_choice import EncodedRequests, encode_requests, scoring_length
 from fedcollm.lm.encoding import Encoded
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.data import ExperimentData
@@ -58,7 +58,7 @@ class ClientRuntime:
                 self.slm.tokenizer,
                 self.eval_requests,
                 add_bos=self.slm.add_bos,
-                max_length=config.train.max_length,
+                max_length=scoring_length(self.slm.model, self.slm.tokenizer),
             )
         encoded: EncodedRequests = self.state["encoded_eval"]
         return encoded

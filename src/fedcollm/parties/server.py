@@ -8,7 +8,7 @@ from typing import Any
 
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCRequest
-from fedcollm.evaluation.multiple_choice import EncodedRequests, encode_requests
+from fedcollm.evaluation.multiple_choice import EncodedRequests, encode_requests, scoring_length
 from fedcollm.lm.lora import get_adapter
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.data import ExperimentData
@@ -68,7 +68,7 @@ class ServerRuntime:
                 lm.tokenizer,
                 self.eval_requests,
                 add_bos=lm.add_bos,
-                max_length=self.config.train.max_length,
+                max_length=scoring_length(lm.model, lm.tokenizer),
             )
         return self._eval_cache[role]
 

@@ -39,6 +39,7 @@ from fedcollm.algorithms.crosslm.synthetic import (
     SamplingSettings,
     build_prompt,
     completion_of,
+    encode_written,
     generate_texts,
     mark_duplicates,
     pack_questions,
@@ -50,17 +51,19 @@ from fedcollm.algorithms.crosslm.synthetic import (
 )
 from fedcollm.algorithms.registry import register
 from fedcollm.algorithms.steps import client_sft, evaluate_role, llm_sft
-from fedcollm.config import ExperimentConfig
+from fedcollm.config import ExperimentConfig, default_eval_split
 from fedcollm.data import MCQuestion, load_questions, render, sample_indices
 from fedcollm.errors import RoundError
 from fedcollm.evaluation.multiple_choice import (
     EncodedRequests,
+    context_window,
     encode_requests,
     evaluate,
+    scoring_length,
     sequence_loglikelihoods,
 )
 from fedcollm.federation.robust import Rejection, check_upload
-from fedcollm.lm.encoding import Encoded, encode_pair
+from fedcollm.lm.encoding import Encoded
 from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.client import ClientRuntime
@@ -314,7 +317,7 @@ class CrossLM(Algorithm):
         if not self._closing(rnd):
             server.state["selected"] = [r.question for r in valid if r.selected]
             if (weights > 0).any():
-                metrics.append(self._train_llm(server, generated, weights, rnd, reporter))
+                metrics += self._train_llm(server, generated, weights, rnd, reporter)
                 server.state["llm_version"] = server.state.get("llm_version", 0) + 1
             else:
                 reporter.message(f"round {rnd}: no candidate reached the score threshold; LLM unchanged")
@@ -372,12 +375,14 @@ class CrossLM(Algorithm):
 
     def _train_llm(
         self, server: ServerRuntime, generated: RoundData, weights: np.ndarray, rnd: int, reporter: Reporter
-    ) -> Metric:
+    ) -> list[Metric]:
         config, cfg = self.config, self.config.crosslm
         llm = server.model("llm")
         assert config.llm is not None
         examples: list[Encoded] = []
         example_weights: list[float] = []
+        window = context_window(llm.model, llm.tokenizer)
+        too_long = 0
         for record, weight in zip(generated.valid, weights, strict=True):
             if weight <= 0 or record.question is None:
                 continue
@@ -385,19 +390,30 @@ class CrossLM(Algorithm):
             examples += self._encode_questions(llm, [question])
             example_weights.append(float(weight))
             if cfg.generation_loss_weight > 0:
-                examples.append(
-                    encode_pair(
-                        llm.tokenizer,
-                        generated.prompts[record.index],
-                        completion_of(question),
-                        add_bos=llm.add_bos,
-                        max_length=config.train.max_length,
-                    )
+                # The whole prompt as generation saw it, not cut to train.max_length; only a
+                # sequence beyond the model's context window is left out (and counted).
+                written = encode_written(
+                    llm.tokenizer,
+                    generated.prompts[record.index],
+                    completion_of(question),
+                    add_bos=llm.add_bos,
                 )
+                if len(written.input_ids) > window:
+                    too_long += 1
+                    continue
+                examples.append(written)
                 example_weights.append(float(weight) * cfg.generation_loss_weight)
+        if too_long:
+            reporter.message(
+                f"round {rnd}: {too_long} write example(s) longer than {llm.name}'s context window "
+                f"({window} tokens) skipped"
+            )
         reporter.phase(f"round {rnd} · {llm.name} training on {len(examples)} weighted examples")
         result = llm_sft(config, llm, examples, rnd, reporter, epochs=cfg.llm_epochs, weights=example_weights)
-        return Metric(rnd, "llm", None, "train_loss", result.mean_loss)
+        metrics = [Metric(rnd, "llm", None, "train_loss", result.mean_loss)]
+        if cfg.generation_loss_weight > 0:
+            metrics.append(Metric(rnd, "server", None, "write_skipped", float(too_long)))
+        return metrics
 
     # ------------------------------------------------------------------ evaluation
 
@@ -425,11 +441,15 @@ class CrossLM(Algorithm):
             return []
         llm = server.model("llm")
         if "heldout" not in server.state:
-            pool = load_questions(cfg.heldout_task, cfg.heldout_split, cfg.heldout_source)
+            split = cfg.heldout_split or default_eval_split(cfg.heldout_task)
+            pool = load_questions(cfg.heldout_task, split, cfg.heldout_source)
             chosen = sample_indices(len(pool), cfg.heldout_limit, config.seed)
             requests = [render(cfg.heldout_task, pool[i], cfg.heldout_format) for i in chosen]
             server.state["heldout"] = encode_requests(
-                llm.tokenizer, requests, add_bos=llm.add_bos, max_length=config.train.max_length
+                llm.tokenizer,
+                requests,
+                add_bos=llm.add_bos,
+                max_length=scoring_length(llm.model, llm.tokenizer),
             )
         encoded: EncodedRequests = server.state["heldout"]
         reporter.phase(f"round {rnd} · evaluating llm ({llm.name}) on held-out {cfg.heldout_task}")

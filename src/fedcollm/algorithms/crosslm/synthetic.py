@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.data import MCQuestion
-from fedcollm.lm.encoding import pad_id
+from fedcollm.lm.encoding import Encoded, EncodingError, pad_id
 
 LETTERS = string.ascii_uppercase
 QUESTION_TAG = "Question:"
@@ -95,6 +95,35 @@ def build_prompt(description: str, demonstrations: Sequence[MCQuestion]) -> str:
 def completion_of(question: MCQuestion) -> str:
     """What the model should write after `build_prompt`'s trailing tag for `question` (with the end)."""
     return format_block(question)[len(QUESTION_TAG) :] + BLOCK_SEPARATOR
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, add_bos: bool) -> list[int]:
+    """The token ids generation conditions on for `prompt`: BOS where the model takes one
+    (`LoadedModel.add_bos`), then the prompt's own encoding, whole. `generate_texts` and the
+    write objective (`encode_written`) both encode prompts here, so they see the same tokens."""
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    return bos + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def encode_written(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *, add_bos: bool
+) -> Encoded:
+    """The write objective's sequence: `prompt` exactly as generation saw it, then `completion`.
+
+    The context is `encode_prompt(prompt)`, never cut. The target is the completion's tokens as
+    they follow the prompt in the encoding of prompt+completion (lm-eval's split, `encode_pair`),
+    where that encoding starts with the prompt's own; should a token merge across the boundary,
+    the completion's own encoding instead, so the context stays the prompt generation saw.
+    """
+    context = encode_prompt(tokenizer, prompt, add_bos=add_bos)
+    whole = encode_prompt(tokenizer, prompt + completion, add_bos=add_bos)
+    if whole[: len(context)] == context:
+        target = whole[len(context) :]
+    else:
+        target = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if not target:
+        raise EncodingError(f"completion {completion!r} encodes to no tokens after its prompt")
+    return Encoded(tuple(int(t) for t in context + target), len(context))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,9 +329,8 @@ def generate_texts(
     out: list[Generation] = []
     total = -(-len(prompts) // settings.batch_size)
     for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
-        bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
         encoded = [
-            bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            encode_prompt(tokenizer, prompt, add_bos=add_bos)
             for prompt in prompts[start : start + settings.batch_size]
         ]
         length = max(len(ids) for ids in encoded)
