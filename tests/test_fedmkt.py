@@ -10,8 +10,8 @@ import pytest
 from peft import PeftModel
 
 from fedcollm.algorithms import ALGORITHMS, check_config
-from fedcollm.algorithms.fedmkt import UP, FedMKT, FedMKTError
-from fedcollm.config import ConfigError, build_config
+from fedcollm.algorithms.fedmkt import ADAPTER, UP, FedMKT, FedMKTError
+from fedcollm.config import ConfigError, ExperimentConfig, build_config
 from fedcollm.engines import run_experiment
 from fedcollm.lm.loading import load_base_model
 from fedcollm.lm.lora import get_adapter
@@ -174,6 +174,39 @@ def test_fedavg_of_adapters_needs_homogeneous_clients(
         check_config(cfg)
 
 
+def test_fedavg_of_homogeneous_adapters_honours_the_weighting(tiny_llama: Path, tiny_llama_big: Path) -> None:
+    """`fedmkt.fedavg_homogeneous` averages the adapters as `federation.weighting` says."""
+
+    def config(weighting: str) -> ExperimentConfig:
+        federation = {"rounds": 1, "num_clients": 2, "weighting": weighting}
+        fedmkt = {"fedavg_homogeneous": True}
+        return build_config(
+            tiny_config(tiny_llama, tiny_llama_big, algorithm="fedmkt", federation=federation, fedmkt=fedmkt)
+        )
+
+    cfg = config("examples")
+    algorithm = ALGORITHMS["fedmkt"](cfg)
+    data = ExperimentData.load(cfg)
+    slm, llm = load_models(cfg, with_llm=True)
+    server = ServerRuntime.create(cfg, data, slm, llm)
+    payload = algorithm.configure_fit(server, 1, Reporter())
+    replies = []
+    for k, n in ((0, 1), (1, 3)):  # unequal example counts
+        reply = algorithm.client_fit(ClientRuntime.create(cfg, data, k, slm), payload, 1, Reporter())
+        replies.append(ClientReply(reply.client, reply.arrays, n, reply.metrics))
+    a, b = (
+        {n.removeprefix(ADAPTER): v for n, v in r.arrays.items() if n.startswith(ADAPTER)} for r in replies
+    )
+    assert any(not np.allclose(a[n], b[n]) for n in a)
+    for weighting, (wa, wb) in (("examples", (0.25, 0.75)), ("uniform", (0.5, 0.5))):
+        ALGORITHMS["fedmkt"](config(weighting)).aggregate_fit(server, replies, 1)
+        averaged = server.state["adapter_avg"]
+        assert list(averaged) == list(a)
+        for name, got in averaged.items():
+            want = wa * a[name].astype(np.float64) + wb * b[name].astype(np.float64)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_select_teachers_falls_back_to_the_learners_own_rows_only_when_asked() -> None:
     from fedcollm.algorithms.fedmkt.knowledge import KnowledgeSet, select_teachers
 
@@ -200,9 +233,9 @@ def test_no_teacher_target_decides_whether_every_public_sample_carries_kd(
     monkeypatch: pytest.MonkeyPatch,
     target: str,
 ) -> None:
-    """"own" (FATE-LLM's reference): a sample no teacher beats distils toward the learner's own
-    distribution, so the LLM and every client get a KD target for every public sample; "none"
-    (default): only DualMinCE's selected samples do, as many as the `selected` metrics say."""
+    """With "own" (FATE-LLM's reference) a sample no teacher beats distils toward the learner's own
+    distribution, so the LLM and every client get a KD target for every public sample; with
+    "none" (default) only DualMinCE's selected samples do, as many as the `selected` metrics say."""
     from fedcollm.algorithms.fedmkt import algorithm as fedmkt_algorithm
 
     calls: list[list[object]] = []

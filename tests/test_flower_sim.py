@@ -88,6 +88,8 @@ def test_secagg_hides_every_upload_and_matches_plain_fedavg(
     for message in received:
         assert not message.has_error()
         assert all(len(record) == 0 for record in message.content.array_records.values())
+        # No training metric either: SecAgg+'s collect stage echoes only the example count.
+        assert all(set(record) <= {"num_examples"} for record in message.content.metric_records.values())
         for record in message.content.config_records.values():
             for value in record.values():
                 for item in value if isinstance(value, list) else [value]:
@@ -117,9 +119,14 @@ def test_secagg_hides_every_upload_and_matches_plain_fedavg(
     assert len(aggregates) == 1
     assert relative_l2(aggregates[0], plain_mean) < 1e-6
     assert relative_l2(saved_adapter(out), plain_mean) < 1e-3
-    # 3. The run record names the clients, their example counts, no dropouts.
+    # 3. The run record holds no client's training loss, only the example-weighted mean SecAgg+
+    #    unmasked, and no dropouts.
     lines = read_metrics(out)
-    assert sorted(m["client"] for m in lines if m["metric"] == "train_loss") == [0, 1, 2]
+    losses = [m for m in lines if m["metric"] == "train_loss"]
+    assert [(m["round"], m["role"], m["client"]) for m in losses] == [(1, "client", None)]
+    total = sum(u.num_examples for u in uploads)
+    want = sum(u.metrics["train_loss"] * u.num_examples for u in uploads) / total
+    assert losses[0]["value"] == pytest.approx(want, abs=1e-5)
     assert not [m for m in lines if m["metric"] == "dropped_out"]
     assert_no_processes_left(out / ".flwr")
 

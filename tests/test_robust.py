@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedcollm.algorithms import check_config
+from fedcollm.config import ConfigError, ExperimentConfig, build_config
 from fedcollm.federation.aggregate import weighted_mean
 from fedcollm.federation.robust import (
     AGGREGATORS,
@@ -149,3 +154,135 @@ def test_a_run_rejects_a_bad_upload_names_the_client_and_goes_on(
     )
     with pytest.raises(RoundError, match=r"1 of 2 uploads accepted.*client 1: .*NaN"):
         run_experiment(strict, tmp_path / "strict")
+
+
+# ------------------------------------------------------------------------------------------
+# Under secure aggregation the server sees no upload: what needs one is refused before the run.
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("robustness", "key"),
+    [
+        ({"aggregation": "median"}, "robustness.aggregation"),
+        ({"aggregation": "trimmed_mean"}, "robustness.aggregation"),
+        ({"norm_multiple": 5.0}, "robustness.norm_multiple"),
+        ({"norm_multiple": 10.0}, "robustness.norm_multiple"),  # the plain default, asked for explicitly
+    ],
+)
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedcollm"])
+def test_secure_aggregation_refuses_what_needs_every_upload_naming_the_key(
+    robustness: dict[str, object], key: str, algorithm: str
+) -> None:
+    config = build_config({"algorithm": algorithm, "robustness": robustness})
+    check_config(config)  # with the uploads in view, the same setting stands
+    with pytest.raises(ConfigError, match=rf"with secure aggregation \(SecAgg\+\):\n  - {re.escape(key)} = "):
+        check_config(config, secure_aggregation=True)
+
+
+def test_the_default_robustness_stands_under_secure_aggregation() -> None:
+    # norm_multiple unset = auto: screening at 10 x the median where the server sees uploads,
+    # off under SecAgg+ (where it cannot be done); 0 says off explicitly.
+    default = ExperimentConfig()
+    assert default.robustness.norm_multiple is None and default.robustness.screening_multiple == 10.0
+    for algorithm in ("fedavg", "fedcollm"):
+        check_config(build_config({"algorithm": algorithm}), secure_aggregation=True)
+        check_config(
+            build_config({"algorithm": algorithm, "robustness": {"norm_multiple": 0}}),
+            secure_aggregation=True,
+        )
+    # FedMKT's uploads never go through SecAgg+ (its aggregate is not a mean): nothing to refuse.
+    check_config(
+        build_config({"algorithm": "fedmkt", "robustness": {"aggregation": "median"}}),
+        secure_aggregation=True,
+    )
+
+
+def test_the_dry_run_and_every_run_start_refuse_it_before_anything_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import fedcollm.engines.flower.deploy as deploy
+    from fedcollm.cli import app
+    from fedcollm.engines.flower import FlowerOptions
+    from fedcollm.engines.flower.simulation import run_simulation
+    from fedcollm.experiment.plan import plan
+    from fedcollm.experiment.setup import prepare_server
+    from fedcollm.protocol import Reporter
+
+    median = build_config(
+        {"name": "m", "slm": {"name": "no-such-model"}, "robustness": {"aggregation": "median"}}
+    )
+    with pytest.raises(ConfigError, match=r"robustness\.aggregation"):
+        plan(median, secure_aggregation=True)
+    with pytest.raises(ConfigError, match=r"robustness\.aggregation"):
+        run_simulation(median, tmp_path / "sim", FlowerOptions(secagg=True))  # before Ray starts
+    with pytest.raises(ConfigError, match=r"robustness\.aggregation"):  # the ServerApp's start
+        prepare_server(
+            median, tmp_path / "served", overwrite=False, reporter=Reporter(), secure_aggregation=True
+        )
+    assert not (tmp_path / "sim").exists() and not (tmp_path / "served").exists()
+
+    smoke = str(ROOT / "configs" / "smoke.toml")
+    runner = CliRunner()
+    refused = runner.invoke(
+        app,
+        [
+            "run",
+            smoke,
+            "--engine",
+            "flower",
+            "--secagg",
+            "--dry-run",
+            "--set",
+            "robustness.aggregation='median'",
+        ],
+    )
+    assert refused.exit_code != 0 and "robustness.aggregation" in refused.output
+    assert "Traceback" not in refused.output
+    plain = runner.invoke(
+        app, ["run", smoke, "--engine", "flower", "--dry-run", "--set", "robustness.aggregation='median'"]
+    )
+    assert plain.exit_code == 0, plain.output
+    secure = runner.invoke(app, ["run", smoke, "--engine", "flower", "--secagg", "--dry-run"])
+    assert secure.exit_code == 0, secure.output
+
+    started: list[dict] = []
+
+    def fake_deploy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started.append(kwargs["options"])
+        raise ConfigError("stopped before starting a federation")
+
+    monkeypatch.setattr(deploy, "deploy_experiment", fake_deploy)
+    norm = ["--set", "robustness.norm_multiple=5", "--out", str(tmp_path / "d")]
+    refused = runner.invoke(app, ["deploy", smoke, *norm])  # SecAgg+ is on by default there
+    assert refused.exit_code != 0 and "robustness.norm_multiple" in refused.output and started == []
+    runner.invoke(app, ["deploy", smoke, "--no-secagg", *norm])
+    assert started == [{"secagg": False}]
+
+
+def test_a_secure_round_records_only_the_metric_means_and_still_needs_min_clients(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fedcollm.errors import RoundError
+    from fedcollm.experiment import loop
+    from fedcollm.protocol import SecureAggregate
+
+    result = SecureAggregate(
+        arrays={},
+        num_examples=12,
+        replies=[ClientReply(0, {}, 5), ClientReply(2, {}, 7)],
+        metrics={"train_loss": 1.5, "steps": 3.0},
+    )
+    lines = loop._secure_metrics(result, 2)
+    assert [(m.round, m.role, m.client, m.metric, m.value) for m in lines] == [
+        (2, "client", None, "train_loss", 1.5),
+        (2, "client", None, "steps", 3.0),
+    ]
+    assert lines[0].note == "example-weighted mean over clients 0, 2 (secure aggregation)"
+    strict = SimpleNamespace(config=build_config({"robustness": {"min_clients": 3}}))
+    with pytest.raises(RoundError, match=r"holds 2 client\(s\), fewer than robustness\.min_clients=3"):
+        loop._require_secure(strict, result, 2, SimpleNamespace(out=tmp_path))  # type: ignore[arg-type]
+    loop._require_secure(SimpleNamespace(config=build_config({})), result, 2, SimpleNamespace(out=tmp_path))  # type: ignore[arg-type]

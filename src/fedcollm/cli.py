@@ -93,10 +93,10 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING)
 
 
-def _print_plan(cfg: ExperimentConfig) -> None:
+def _print_plan(cfg: ExperimentConfig, secure_aggregation: bool = False) -> None:
     from fedcollm.experiment.plan import plan
 
-    lines = plan(cfg)
+    lines = plan(cfg, secure_aggregation=secure_aggregation)
     console.print(f"[bold]{cfg.name}[/]: {cfg.algorithm} (dry run, nothing trained)")
     for line in lines:
         typer.echo(f"{line.label:>10}: {line.value}")
@@ -147,7 +147,7 @@ def run(
         cfg = load_config(config or DEFAULT_CONFIG, set_ or [])
         out = out or Path("runs") / cfg.name
     if dry_run:
-        _print_plan(cfg)
+        _print_plan(cfg, secure_aggregation=engine == "flower" and secagg)
         return
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.algorithm} · task {cfg.task.name} · {cfg.federation.num_clients} clients "
@@ -219,7 +219,7 @@ def deploy(
 
     _quiet_libraries()
     cfg = load_config(config, set_ or [])
-    check_config(cfg, str(config))
+    check_config(cfg, str(config), secure_aggregation=secagg)
     out = out or Path("runs") / cfg.name
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.algorithm} on a local Flower deployment · "

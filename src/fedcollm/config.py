@@ -28,6 +28,10 @@ PAPER_METHODS: tuple[AlgorithmName, ...] = ("zeroshot", "standalone", "fedavg", 
 """The FedCoLLM paper's comparison: its four baselines and FedCoLLM."""
 Role = Literal["slm", "llm"]
 """The two models of a run: the clients' small model and the server's large one."""
+Weighting = Literal["examples", "uniform"]
+"""How much each accepted upload counts in a mean (`federation.weighting`)."""
+LrSchedule = Literal["per_round", "whole_run"]
+"""What one warmup/linear-decay schedule spans (`train.lr_schedule`)."""
 
 
 LM_EVAL_SPLITS: dict[str, str] = {
@@ -43,6 +47,10 @@ where the task has labelled test answers; CommonsenseQA's are not public, so `va
 def default_eval_split(task: str) -> str:
     """Where lm-eval evaluates `task` (`LM_EVAL_SPLITS`); "validation" for a task it does not list."""
     return LM_EVAL_SPLITS.get(task, "validation")
+
+
+DEFAULT_NORM_MULTIPLE = 10.0
+"""The norm screening of `robustness.norm_multiple` left unset, where the server sees the uploads."""
 
 
 def _known_algorithm_name(value: Any) -> Any:
@@ -117,6 +125,17 @@ class FederationConfig(_Section):
             "bytes); the server still aggregates in float32."
         ),
     )
+    weighting: Weighting = Field(
+        "examples",
+        description=(
+            "Weight of each accepted upload in a mean, on every path that averages (the server's, "
+            "FedMKT's fedavg_homogeneous, and SecAgg+, where each client weights its own upload "
+            "before masking it): examples = its example count (FedAvg, McMahan et al.); uniform = "
+            "1/K over the K uploads in the mean (the FedCoLLM paper's Algorithm 1, line 13). Under "
+            "SecAgg+ the training metrics' means take the same weights; robustness.aggregation = "
+            "median or trimmed_mean counts every upload alike under either."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_model_per_client(self) -> FederationConfig:
@@ -145,10 +164,26 @@ class TrainConfig(_Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(
-        0.0, ge=0, lt=1, description="Share of steps with linear warmup (then linear decay)."
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of steps with linear warmup (then linear decay): of a round's, or of the "
+        "whole run's with lr_schedule = whole_run.",
     )
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    lr_schedule: LrSchedule = Field(
+        "per_round",
+        description=(
+            "What the warmup/linear-decay schedule spans, in every trainer (local SFT, server "
+            "distillation, FedMKT's knowledge training, the LLM's SFT): per_round = one round's "
+            "training (warmup, then decay to zero, in every round); whole_run = one schedule over the "
+            "T rounds the trainer runs in (CrossLM's clients: T + the closing round), round r taking "
+            "its steps (r-1)*n .. r*n-1 of T*n, n being the round's steps (warmup once at the start, "
+            "zero only at the end). Either way the AdamW optimiser, its moments included, is created "
+            "afresh every round."
+        ),
+    )
 
 
 class DistillConfig(_Section):
@@ -254,17 +289,54 @@ class EvalConfig(_Section):
 
 
 class RobustnessConfig(_Section):
-    """What the server does with uploads it cannot trust (plain aggregation only: under secure
-    aggregation it never sees an individual upload)."""
+    """What the server does with uploads it cannot trust.
+
+    Screening and robust rules need every client's upload, which secure aggregation (the Flower
+    engine's SecAgg+, for algorithms whose aggregate is a mean) hides from the server: there it
+    sees only the (weighted) mean. So with secure aggregation on, `aggregation` must be
+    "mean" and `norm_multiple` unset (auto: off) or 0; anything else is refused before the run
+    starts (and by `--dry-run`), not skipped. `min_clients` holds under both: under SecAgg+ it
+    counts the clients in the aggregate."""
 
     aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
-        "mean", description="Example-weighted mean (FedAvg), coordinate-wise median, or trimmed mean."
+        "mean",
+        description="FedAvg's mean (weighted as federation.weighting says), coordinate-wise median, or "
+        "trimmed mean. median and trimmed_mean need every upload: refused with secure aggregation "
+        "(SecAgg+).",
     )
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="Share cut at each end by trimmed_mean.")
-    norm_multiple: float = Field(
-        10.0, ge=0, description="Reject an update whose norm exceeds this multiple of the median (0 = off)."
+    norm_multiple: float | None = Field(
+        None,
+        ge=0,
+        description="Reject an update whose norm exceeds this multiple of the median (0 = off). "
+        f"none = auto: {DEFAULT_NORM_MULTIPLE:g} where the server sees the uploads, off under "
+        "secure aggregation (SecAgg+), which hides them; an explicit value > 0 with SecAgg+ is refused.",
     )
     min_clients: int = Field(1, ge=1, description="Fewest accepted uploads a round may aggregate.")
+
+    @property
+    def screening_multiple(self) -> float:
+        """The norm multiple plain aggregation screens with (`norm_multiple`, none = the default)."""
+        return DEFAULT_NORM_MULTIPLE if self.norm_multiple is None else self.norm_multiple
+
+    def secure_aggregation_problems(self) -> list[str]:
+        """Why these settings cannot hold under secure aggregation, one reason per key (empty: they can)."""
+        problems = []
+        if self.aggregation != "mean":
+            problems.append(
+                f"robustness.aggregation = {self.aggregation!r} needs every client's upload, but secure "
+                "aggregation (SecAgg+) shows the server only their (weighted) mean: set "
+                'robustness.aggregation = "mean", or run without SecAgg+ (no --secagg; run config '
+                "secagg=false)"
+            )
+        if self.norm_multiple is not None and self.norm_multiple > 0:
+            problems.append(
+                f"robustness.norm_multiple = {self.norm_multiple:g} screens each client's update norm, but "
+                "secure aggregation (SecAgg+) hides every upload from the server: leave "
+                "robustness.norm_multiple unset (auto: off under SecAgg+) or set it to 0, or run "
+                "without SecAgg+ (no --secagg; run config secagg=false)"
+            )
+        return problems
 
 
 class CheckpointConfig(_Section):

@@ -129,13 +129,17 @@ def derive_seed(seed: int, purpose: Seed, rnd: int = 0, client: int | None = Non
 class SecureAggregate:
     """A round aggregated under secure aggregation: the server sees only the weighted mean.
 
-    `replies` name the clients in the mean with their example counts and metrics; their arrays
-    are shape-only stand-ins (for the communication record), never a client's values.
+    `replies` name the clients in the mean with their example counts; their arrays are
+    shape-only stand-ins (for the communication record), never a client's values, and their
+    metrics are empty: the clients' training metrics are aggregated securely too, and `metrics`
+    holds what that reveals, each metric's mean over the clients in the mean, weighted as the
+    arrays are (`federation.weighting`: by example count, or uniform).
     """
 
     arrays: Arrays
     num_examples: int
     replies: list[ClientReply]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 ClientStates = dict[int, dict[str, Any]]
@@ -159,7 +163,8 @@ class Transport(Protocol):
         ...
 
     def fit_aggregate(self, payload: Payload, rnd: int) -> SecureAggregate:
-        """As `fit`, but return only the example-weighted mean of the uploads (if `secure`)."""
+        """As `fit`, but return only the weighted mean of the uploads (if `secure`), weighted as
+        `federation.weighting` says."""
         ...
 
     def evaluate(self, payload: Payload, rnd: int) -> list[ClientReply]:

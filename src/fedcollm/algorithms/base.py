@@ -62,6 +62,21 @@ class Algorithm(ABC):
         return problems
 
     @classmethod
+    def secure_aggregation_problems(cls, config: ExperimentConfig) -> list[str]:
+        """Why `config` cannot run this algorithm under secure aggregation (empty: it can).
+
+        Asked only where secure aggregation really replaces `aggregate_fit`: the transport offers
+        it and the algorithm declares `secure_aggregation`. The server then sees no individual
+        upload, so no setting that needs one may stand (`RobustnessConfig`).
+        """
+        return config.robustness.secure_aggregation_problems()
+
+    @classmethod
+    def aggregates_securely(cls, secure_transport: bool) -> bool:
+        """Whether a round's uploads are securely aggregated on a transport that offers it (or not)."""
+        return secure_transport and cls.uses_clients and cls.secure_aggregation
+
+    @classmethod
     def needs_auxiliary_set(cls, config: ExperimentConfig) -> bool:
         """Whether the server's step uses the auxiliary set D_a (default: no)."""
         return False
@@ -102,12 +117,15 @@ class Algorithm(ABC):
         robustness = self.config.robustness
         reference = self.from_wire(payload.arrays) or None
         decoded = [replace(reply, arrays=self.from_wire(reply.arrays)) for reply in replies]
-        return screen_uploads(decoded, server.global_adapter, reference, robustness.norm_multiple)
+        return screen_uploads(decoded, server.global_adapter, reference, robustness.screening_multiple)
 
     def aggregate_fit(self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int) -> Arrays:
-        """Combine client replies (default: FedAvg's example-weighted mean, or a robust rule)."""
+        """Combine client replies (default: FedAvg's mean weighted as `federation.weighting` says,
+        or a robust rule)."""
         robustness = self.config.robustness
-        return AGGREGATORS[robustness.aggregation](replies, robustness.trim_fraction)
+        return AGGREGATORS[robustness.aggregation](
+            replies, robustness.trim_fraction, self.config.federation.weighting
+        )
 
     @abstractmethod
     def server_update(

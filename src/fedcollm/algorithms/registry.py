@@ -24,13 +24,24 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-def check_config(config: ExperimentConfig, origin: str | None = None) -> None:
+def check_config(
+    config: ExperimentConfig, origin: str | None = None, *, secure_aggregation: bool = False
+) -> None:
     """Raise `ConfigError` listing every reason `config` cannot run its algorithm.
 
     `origin` names where the config came from in the message (default: the experiment's name).
+    `secure_aggregation`: the engine will aggregate with SecAgg+ (the Flower engine's `secagg`
+    option, which is not part of the experiment); settings that need the server to see each
+    upload are then refused too, for the algorithms whose aggregate SecAgg+ computes. The run
+    start, `--dry-run`, `fedcollm deploy` and the ServerApp all call this before anything loads.
     """
-    problems = ALGORITHMS[config.algorithm].check_config(config)
+    algorithm = ALGORITHMS[config.algorithm]
+    secure = []
+    if algorithm.aggregates_securely(secure_aggregation):
+        secure = algorithm.secure_aggregation_problems(config)
+    problems = algorithm.check_config(config) + secure
     if problems:
         where = origin or f"experiment {config.name!r}"
         reasons = "\n".join(f"  - {problem}" for problem in problems)
-        raise ConfigError(f"{where} cannot run {config.algorithm!r}:\n{reasons}")
+        under = " with secure aggregation (SecAgg+)" if secure else ""
+        raise ConfigError(f"{where} cannot run {config.algorithm!r}{under}:\n{reasons}")

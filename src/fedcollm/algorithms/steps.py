@@ -16,6 +16,7 @@ from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.client import ClientRuntime
 from fedcollm.parties.server import ServerRuntime
 from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, Seed, derive_seed
+from fedcollm.training.optimise import ScheduleSpan
 from fedcollm.training.sft import TrainResult, train_sft
 
 
@@ -85,8 +86,14 @@ def client_sft(
     examples: Sequence[Encoded],
     rnd: int,
     reporter: Reporter,
+    *,
+    rounds: int | None = None,
 ) -> TrainResult:
-    """A client's local SFT of its SLM adapter, seeded by round and client so every engine agrees."""
+    """A client's local SFT of its SLM adapter, seeded by round and client so every engine agrees.
+
+    `rounds`: how many rounds this training recurs in, round `rnd` being one of them (default
+    `federation.rounds`); `train.lr_schedule = "whole_run"` spreads one schedule over them.
+    """
     return train_sft(
         client.slm.model,
         examples,
@@ -95,6 +102,7 @@ def client_sft(
         cfg=config.train,
         seed=derive_seed(config.seed, Seed.CLIENT_TRAIN, rnd, client.client_id),
         on_step=reporter.step_callback(),
+        span=round_span(config, rnd, rounds),
     )
 
 
@@ -108,7 +116,10 @@ def llm_sft(
     epochs: int | None = None,
     weights: Sequence[float] | None = None,
 ) -> TrainResult:
-    """The server's SFT of its LLM adapter (Centralized, CrossLM), seeded by round."""
+    """The server's SFT of its LLM adapter (Centralized, CrossLM), seeded by round.
+
+    It recurs in the `federation.rounds` rounds (for `train.lr_schedule = "whole_run"`).
+    """
     assert config.llm is not None
     return train_sft(
         llm.model,
@@ -120,4 +131,10 @@ def llm_sft(
         epochs=epochs,
         on_step=reporter.step_callback(),
         weights=weights,
+        span=round_span(config, rnd),
     )
+
+
+def round_span(config: ExperimentConfig, rnd: int, rounds: int | None = None) -> ScheduleSpan:
+    """Round `rnd` of a training phase that recurs in `rounds` rounds (default `federation.rounds`)."""
+    return ScheduleSpan(rnd, config.federation.rounds if rounds is None else rounds)

@@ -8,6 +8,7 @@ evaluation before training and after rounds, aggregation, the server step, the r
 from __future__ import annotations
 
 from fedcollm.algorithms import Algorithm
+from fedcollm.config import Weighting
 from fedcollm.errors import RoundError
 from fedcollm.experiment.checkpoint import (
     CHECKPOINT_DIR,
@@ -21,13 +22,21 @@ from fedcollm.experiment.checkpoint import (
 )
 from fedcollm.experiment.recording import RunRecorder
 from fedcollm.parties.server import ServerRuntime
-from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, Transport
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, SecureAggregate, Transport
 
 
 def _dropouts(rnd: int, num_clients: int, replies: list[ClientReply]) -> list[Metric]:
     """One `dropped_out` line per client missing from a round (a transport may lose clients)."""
     present = {reply.client for reply in replies}
     return [Metric(rnd, "client", k, "dropped_out", 1.0) for k in range(num_clients) if k not in present]
+
+
+def _kept(algorithm: Algorithm, recorder: RunRecorder, rnd: int) -> str:
+    """Where a run stopped in round `rnd` can continue from."""
+    if not algorithm.config.checkpoint.enabled:
+        return "checkpoints are off (checkpoint.enabled = false)"
+    folder = recorder.out / CHECKPOINT_DIR
+    return f"the checkpoint of round {rnd - 1} is in {folder} (--resume continues from it)"
 
 
 def _screen(
@@ -47,17 +56,34 @@ def _screen(
     minimum = algorithm.config.robustness.min_clients
     if len(accepted) < minimum:
         reasons = "; ".join(f"client {r.client}: {r.reason}" for r in rejected)
-        kept = (
-            f"the checkpoint of round {rnd - 1} is in {recorder.out / CHECKPOINT_DIR} (--resume continues "
-            "from it)"
-            if algorithm.config.checkpoint.enabled
-            else "checkpoints are off (checkpoint.enabled = false)"
-        )
+        kept = _kept(algorithm, recorder, rnd)
         raise RoundError(
             f"round {rnd}: {len(accepted)} of {len(replies)} uploads accepted, fewer than "
             f"robustness.min_clients={minimum} ({reasons}). The run stopped; {kept}"
         )
     return accepted
+
+
+def _secure_metrics(result: SecureAggregate, rnd: int, weighting: Weighting = "examples") -> list[Metric]:
+    """The clients' training metrics as secure aggregation reveals them: one mean per metric,
+    weighted as the adapters are (`federation.weighting`).
+
+    Recorded as `role = "client"`, `client = None` (no single client's value is known).
+    """
+    clients = ", ".join(str(reply.client) for reply in result.replies)
+    kind = "example-weighted" if weighting == "examples" else "unweighted"
+    note = f"{kind} mean over clients {clients} (secure aggregation)"
+    return [Metric(rnd, "client", None, key, value, note=note) for key, value in result.metrics.items()]
+
+
+def _require_secure(algorithm: Algorithm, result: SecureAggregate, rnd: int, recorder: RunRecorder) -> None:
+    """`robustness.min_clients` under secure aggregation: every upload in the mean counts as accepted."""
+    minimum = algorithm.config.robustness.min_clients
+    if len(result.replies) < minimum:
+        raise RoundError(
+            f"round {rnd}: the securely aggregated mean holds {len(result.replies)} client(s), fewer than "
+            f"robustness.min_clients={minimum}. The run stopped; {_kept(algorithm, recorder, rnd)}"
+        )
 
 
 def _evaluate(
@@ -134,7 +160,7 @@ def run_rounds(
         checkpoints.save(0)
         start = 0
     rounds = algorithm.num_rounds()
-    secure = algorithm.secure_aggregation and transport.secure
+    secure = algorithm.aggregates_securely(transport.secure)
     for rnd in range(start + 1, rounds + 1):
         reporter.message(f"round {rnd}/{rounds}")
         aggregate: Arrays = {}
@@ -150,7 +176,10 @@ def run_rounds(
                 replies = sorted(transport.fit(payload, rnd), key=lambda reply: reply.client)
             recorder.record_exchange(rnd, payload, replies)
             recorder.record(_dropouts(rnd, config.federation.num_clients, replies))
-            if not secure:
+            if secure:
+                recorder.record(_secure_metrics(result, rnd, config.federation.weighting))
+                _require_secure(algorithm, result, rnd, recorder)
+            else:
                 accepted = _screen(algorithm, server, payload, replies, rnd, recorder, reporter)
                 aggregate = algorithm.aggregate_fit(server, accepted, rnd)
         recorder.record(algorithm.server_update(server, aggregate, rnd, reporter))

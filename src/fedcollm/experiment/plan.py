@@ -96,16 +96,23 @@ class PlanLine:
     value: str
 
 
-def check_runs(config: ExperimentConfig, methods: Sequence[str], tasks: Sequence[str]) -> None:
+def check_runs(
+    config: ExperimentConfig,
+    methods: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    secure_aggregation: bool = False,
+) -> None:
     """Everything a run of each (task, method) would refuse before training, checked offline.
 
-    The algorithm's `check_config`, the data (every training and evaluation question, read and
-    split as the run will), and every model name (it must resolve; a hub id need not be cached).
-    Raises the error the run would raise.
+    The algorithm's `check_config` (with `secure_aggregation`: as the engine that aggregates with
+    SecAgg+ checks it), the data (every training and evaluation question, read and split as the
+    run will), and every model name (it must resolve; a hub id need not be cached). Raises the
+    error the run would raise.
     """
     runs = {(task, method): _run_of(config, task, method) for task in tasks for method in methods}
     for run in runs.values():
-        check_config(run)
+        check_config(run, secure_aggregation=secure_aggregation)
     for task in tasks:
         data = ExperimentData.load(runs[task, methods[0]])
         for method in methods:
@@ -114,9 +121,16 @@ def check_runs(config: ExperimentConfig, methods: Sequence[str], tasks: Sequence
 
 
 def plan(
-    config: ExperimentConfig, methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None
+    config: ExperimentConfig,
+    methods: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    *,
+    secure_aggregation: bool = False,
 ) -> list[PlanLine]:
-    """The plan of a run (or comparison), raising what a run would raise on what cannot work."""
+    """The plan of a run (or comparison), raising what a run would raise on what cannot work.
+
+    `secure_aggregation`: the run aggregates with SecAgg+ (`--engine flower --secagg`).
+    """
     methods = list(methods or [config.algorithm])
     tasks = list(tasks or [config.task.name])
     unknown = sorted(set(methods) - set(ALGORITHMS))
@@ -124,7 +138,7 @@ def plan(
         raise ConfigError(
             f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(ALGORITHMS))}"
         )
-    check_runs(config, methods, tasks)
+    check_runs(config, methods, tasks, secure_aggregation=secure_aggregation)
     fed = config.federation
     lines = [
         PlanLine("methods", ", ".join(methods)),

@@ -54,9 +54,13 @@ def prepare_server(
     reporter: Reporter,
     resume: bool = False,
     resources: SharedResources | None = None,
+    secure_aggregation: bool = False,
 ) -> tuple[Algorithm, ServerRuntime, RunRecorder]:
-    """The algorithm, the server's runtime and the run folder: what every engine starts from."""
-    check_config(config)
+    """The algorithm, the server's runtime and the run folder: what every engine starts from.
+
+    `secure_aggregation`: the engine's transport aggregates securely (the config is checked for it).
+    """
+    check_config(config, secure_aggregation=secure_aggregation)
     algorithm = ALGORITHMS[config.algorithm](config)
     reporter.phase("loading data")
     data = ExperimentData.load(config)

@@ -8,11 +8,13 @@ replace the mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from fedcollm.config import Weighting
 from fedcollm.federation.aggregate import AggregationError, weighted_mean
 from fedcollm.protocol import Arrays, ClientReply
 
@@ -119,9 +121,30 @@ def trimmed_mean(replies: Sequence[ClientReply], trim_fraction: float = 0.2) -> 
     return out
 
 
-AGGREGATORS: dict[str, Callable[..., Arrays]] = {
-    "mean": lambda replies, trim_fraction: weighted_mean(replies),
-    "median": lambda replies, trim_fraction: coordinate_median(replies),
-    "trimmed_mean": trimmed_mean,
-}
-"""Aggregation rules selectable by `robustness.aggregation`."""
+class Aggregator(Protocol):
+    """An aggregation rule: the uploads, `robustness.trim_fraction` and `federation.weighting` in."""
+
+    def __call__(
+        self, replies: Sequence[ClientReply], trim_fraction: float, weighting: Weighting = "examples"
+    ) -> Arrays: ...
+
+
+def _mean(replies: Sequence[ClientReply], trim_fraction: float, weighting: Weighting = "examples") -> Arrays:
+    return weighted_mean(replies, weighting)
+
+
+def _median(
+    replies: Sequence[ClientReply], trim_fraction: float, weighting: Weighting = "examples"
+) -> Arrays:
+    return coordinate_median(replies)
+
+
+def _trimmed(
+    replies: Sequence[ClientReply], trim_fraction: float, weighting: Weighting = "examples"
+) -> Arrays:
+    return trimmed_mean(replies, trim_fraction)
+
+
+AGGREGATORS: dict[str, Aggregator] = {"mean": _mean, "median": _median, "trimmed_mean": _trimmed}
+"""Aggregation rules selectable by `robustness.aggregation`. Only the mean weighs the uploads (by
+`federation.weighting`); median and trimmed mean count every upload alike under either weighting."""

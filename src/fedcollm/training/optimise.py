@@ -8,6 +8,7 @@ are frozen; only adapter parameters train, each model with its own optimiser and
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,19 +26,51 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+@dataclass(frozen=True)
+class ScheduleSpan:
+    """Where one call of `optimise` sits in the run: round `round` of the `rounds` its phase recurs in.
+
+    Only `train.lr_schedule = "whole_run"` reads it: one warmup/linear-decay schedule then spans
+    all `rounds` calls, call `round` taking its steps (round-1)*n .. round*n-1 of rounds*n, for
+    its n steps. "per_round" gives every call a schedule of its own, as does the default span,
+    round 1 of 1.
+    """
+
+    round: int = 1
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.round <= self.rounds:
+            raise ValueError(f"schedule span: round {self.round} of {self.rounds}, outside 1..{self.rounds}")
+
+
+ONE_ROUND = ScheduleSpan()
+"""A span of one round: the schedule is this call's own under either `train.lr_schedule`."""
+
+
 def make_optimizer(
-    model: torch.nn.Module, lr: float, cfg: TrainConfig, total_steps: int
+    model: torch.nn.Module, lr: float, cfg: TrainConfig, total_steps: int, span: ScheduleSpan = ONE_ROUND
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the adapter with linear warmup then linear decay to zero."""
+    """AdamW over the adapter with linear warmup then linear decay to zero.
+
+    The schedule spans these `total_steps` (`train.lr_schedule = "per_round"`), or, with
+    "whole_run", `span.rounds` calls of as many steps, of which this is call `span.round`: its
+    steps continue where the previous round's ended. The optimiser's state is new either way.
+    """
     optimizer = torch.optim.AdamW(
         trainable_parameters(model), lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
     )
-    warmup = round(cfg.warmup_ratio * total_steps)
+    rounds, offset = 1, 0
+    if cfg.lr_schedule == "whole_run":
+        rounds, offset = span.rounds, (span.round - 1) * total_steps
+    total = rounds * total_steps
+    warmup = round(cfg.warmup_ratio * total)
 
     def schedule(step: int) -> float:
+        step += offset
         if warmup and step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        return max(0.0, (total - step) / max(1, total - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -57,17 +90,19 @@ def optimise(
     epochs: int,
     seed: int,
     on_step: StepCallback | None = None,
+    span: ScheduleSpan = ONE_ROUND,
 ) -> tuple[int, np.ndarray]:
     """The adapter-training loop every trainer shares; returns the step count and each term's mean.
 
     SFT, FedMKT's knowledge training and FedCoLLM's mutual distillation all run it: seeded epoch
     orders, batches of `cfg.batch_size`, one backward per batch of the loss `loss_of(index)`
     gives first (any further terms are only reported), then for each (model, learning rate) in
-    `models` its own gradient clipping, AdamW step and warmup/linear-decay schedule.
+    `models` its own gradient clipping, AdamW step and warmup/linear-decay schedule (this call's
+    own, or with `train.lr_schedule = "whole_run"` its part `span` of one over all rounds).
     """
     orders = epoch_orders(num_examples, epochs, seed)
     total = -(-num_examples // cfg.batch_size) * epochs
-    stepped = [(model, *make_optimizer(model, lr, cfg, total)) for model, lr in models]
+    stepped = [(model, *make_optimizer(model, lr, cfg, total, span)) for model, lr in models]
     torch.manual_seed(seed)
     for model, _ in models:
         model.train()

@@ -19,7 +19,7 @@ from fedcollm.errors import FedcollmError
 from fedcollm.lm.encoding import Batch, Encoded, collate
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
 from fedcollm.protocol import StepCallback
-from fedcollm.training.optimise import optimise
+from fedcollm.training.optimise import ONE_ROUND, ScheduleSpan, optimise
 
 
 class TrainingError(FedcollmError, ValueError):
@@ -64,11 +64,13 @@ def train_sft(
     epochs: int | None = None,
     on_step: StepCallback | None = None,
     weights: Sequence[float] | None = None,
+    span: ScheduleSpan = ONE_ROUND,
 ) -> TrainResult:
     """Fine-tune the model's adapter on `examples` for `epochs` (default `cfg.epochs`).
 
     `weights` (one per example, >= 0) turns the loss into a weighted likelihood
-    (`weighted_answer_cross_entropy`); examples of weight 0 are left out entirely.
+    (`weighted_answer_cross_entropy`); examples of weight 0 are left out entirely. `span`: the
+    round of the run this is, for `train.lr_schedule = "whole_run"` (`optimise`).
     """
     row_weights = None
     if weights is not None:
@@ -93,6 +95,6 @@ def train_sft(
 
     epochs = cfg.epochs if epochs is None else epochs
     steps, means = optimise(
-        [(model, lr)], len(examples), loss_of, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step
+        [(model, lr)], len(examples), loss_of, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step, span=span
     )
     return TrainResult(steps=steps, mean_loss=float(means[0]), num_examples=len(examples))

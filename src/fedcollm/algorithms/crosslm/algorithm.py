@@ -9,8 +9,9 @@ abstract leaves open is listed in docs/algorithms/crosslm.md. One round t, in th
 - `client_fit`: each client LoRA-trains its own SLM on its private shard plus S_{t-1} (round 1:
   the shard alone), then scores every candidate of C_t with it (its probability of the labelled
   choice among the choices) and replies with those floats only.
-- `aggregate_fit`: the example-weighted mean of the score vectors (FedAvg's mean, so it can run
-  under secure aggregation on the Flower engine).
+- `aggregate_fit`: the mean of the score vectors, weighted as `federation.weighting` says (FedAvg's
+  mean, by example count unless set to uniform, so it can run under secure aggregation on the
+  Flower engine).
 - `server_update`: the LLM's LoRA trains on C_t with a feedback-weighted likelihood (weight 0
   unless the score beats chance by `crosslm.score_threshold`) on two objectives, answering each
   candidate and writing it after the generation prompt; the candidates with a positive weight
@@ -270,7 +271,8 @@ class CrossLM(Algorithm):
             f"round {rnd} · client {client.client_id} training on {len(client.train)} own + "
             f"{len(synthetic)} synthetic examples"
         )
-        result = client_sft(config, client, examples, rnd, reporter)
+        # The clients train in every round, the closing one too.
+        result = client_sft(config, client, examples, rnd, reporter, rounds=self.num_rounds())
         client.state["adapter"] = get_adapter(client.slm.model)
         candidates = unpack_questions(payload.arrays, CANDIDATES)
         reporter.phase(f"round {rnd} · client {client.client_id} scoring {len(candidates)} candidates")

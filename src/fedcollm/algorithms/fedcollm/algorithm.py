@@ -11,6 +11,7 @@ from __future__ import annotations
 from fedcollm.algorithms.baselines.fedavg import FedAvg
 from fedcollm.algorithms.fedcollm.distillation import mutual_distill
 from fedcollm.algorithms.registry import register
+from fedcollm.algorithms.steps import round_span
 from fedcollm.config import ExperimentConfig
 from fedcollm.errors import FedcollmError
 from fedcollm.lm.lora import get_adapter, set_adapter
@@ -66,6 +67,7 @@ class FedCoLLM(FedAvg):
             seed=derive_seed(config.seed, Seed.DISTILL, rnd),
             bridges=server.state["bridges"],
             on_step=reporter.step_callback(),
+            span=round_span(config, rnd),
         )
         server.global_adapter = get_adapter(slm.model)
         return [

@@ -26,7 +26,7 @@ from fedcollm.lm.encoding import Encoded, collate
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
 from fedcollm.protocol import StepCallback
 from fedcollm.training.kd import KdDirection, kd_loss, kd_loss_sparse
-from fedcollm.training.optimise import optimise
+from fedcollm.training.optimise import ONE_ROUND, ScheduleSpan, optimise
 
 
 class TokenizerMismatchError(FedcollmError, ValueError):
@@ -134,6 +134,7 @@ def mutual_distill(
     direction: KdDirection = "forward",
     bridges: tuple[TokenBridge, TokenBridge] | None = None,
     on_step: StepCallback | None = None,
+    span: ScheduleSpan = ONE_ROUND,
 ) -> DistillResult:
     """FedCoLLM's server step (Eq. 4-6): R epochs of joint updates on the auxiliary set.
 
@@ -144,7 +145,8 @@ def mutual_distill(
     `llm_examples[i]` and `slm_examples[i]` are the same text in each model's tokenisation.
     Without `bridges` both must tokenise it alike and the KL is exact over the shared vocabulary;
     with `bridges` (LLM->SLM, SLM->LLM) each teacher's top-`cfg.top_k` distribution is carried
-    onto the student's tokens by MinED alignment, and the KL is taken against that.
+    onto the student's tokens by MinED alignment, and the KL is taken against that. `span`: the
+    round of the run this is, for `train.lr_schedule = "whole_run"` (both models' schedules).
     """
     if len(llm_examples) != len(slm_examples) or not llm_examples:
         raise ValueError("distillation needs the same non-empty example list for both models")
@@ -172,5 +174,6 @@ def mutual_distill(
         epochs=cfg.epochs,
         seed=seed,
         on_step=on_step,
+        span=span,
     )
     return DistillResult(steps, *(float(x) for x in means[1:]))

@@ -44,7 +44,7 @@ from fedcollm.algorithms.fedmkt.knowledge import (
 )
 from fedcollm.algorithms.fedmkt.report import knowledge_traffic, results_lines, round_traffic, traffic_metrics
 from fedcollm.algorithms.registry import register
-from fedcollm.algorithms.steps import client_sft
+from fedcollm.algorithms.steps import client_sft, round_span
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCRequest
 from fedcollm.errors import RoundError
@@ -190,6 +190,7 @@ class FedMKT(Algorithm):
             temperature=mkt.temperature,
             seed=derive_seed(config.seed, Seed.KNOWLEDGE_CLIENT, rnd, client.client_id),
             on_step=reporter.step_callback(),
+            span=round_span(config, rnd - 1),  # round rnd consumes round rnd - 1's S_0: rounds 2..T+1
         )
         client.state["adapter"] = get_adapter(client.slm.model)
         client.state.pop("own_loss", None)  # the adapter changed
@@ -322,7 +323,7 @@ class FedMKT(Algorithm):
                 if r.client in accepted
             ]
             if kept:
-                server.state["adapter_avg"] = weighted_mean(kept)
+                server.state["adapter_avg"] = weighted_mean(kept, self.config.federation.weighting)
         return {}
 
     def _llm_knowledge(self, server: ServerRuntime, reporter: Reporter, top_k: int) -> KnowledgeSet:
@@ -405,6 +406,7 @@ class FedMKT(Algorithm):
             temperature=mkt.temperature,
             seed=derive_seed(config.seed, Seed.KNOWLEDGE_LLM, rnd),
             on_step=reporter.step_callback(),
+            span=round_span(config, rnd),
         )
         server_set = self._llm_knowledge(server, reporter, top_k=mkt.top_k)
         server.state["own_loss"] = server_set.loss

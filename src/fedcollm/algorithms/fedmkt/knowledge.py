@@ -28,7 +28,7 @@ from fedcollm.lm.encoding import Encoded, batches, collate
 from fedcollm.lm.logits import answer_cross_entropy, per_sequence_sum, target_logits
 from fedcollm.protocol import Arrays, StepCallback
 from fedcollm.training.kd import kd_loss_sparse
-from fedcollm.training.optimise import optimise
+from fedcollm.training.optimise import ONE_ROUND, ScheduleSpan, optimise
 
 KEYS = ("loss", "lengths", "ids", "values")
 """The four arrays of a packed knowledge set."""
@@ -325,11 +325,13 @@ def train_with_knowledge(
     temperature: float,
     seed: int,
     on_step: StepCallback | None = None,
+    span: ScheduleSpan = ONE_ROUND,
 ) -> KnowledgeTrainResult:
     """Train the adapter with lambda*CE (every example) + (1-lambda)*KD (examples with a teacher).
 
     The KD term is `kd_loss_sparse` against the teacher's top-K rows at the example's answer
     positions, averaged over the batch's positions that have a teacher (0 when none has).
+    `span`: the round of the run this is, for `train.lr_schedule = "whole_run"` (`optimise`).
     """
     if len(examples) != len(teachers) or not examples:
         raise ValueError("need one teacher entry (or None) per example, and at least one example")
@@ -363,7 +365,7 @@ def train_with_knowledge(
         return ce_weight * ce + (1.0 - ce_weight) * kd, ce, kd
 
     steps, means = optimise(
-        [(model, lr)], len(examples), loss_of, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step
+        [(model, lr)], len(examples), loss_of, cfg=cfg, epochs=epochs, seed=seed, on_step=on_step, span=span
     )
     return KnowledgeTrainResult(
         steps,

@@ -5,8 +5,8 @@ The SuperNode's node config says which client it is (`partition-id`, `num-partit
 experiment (`Algorithm.check_config`), rebuilds its `ClientRuntime` (its own partition of the
 data, encoded; the SLM from the local converted-model cache) and then calls the algorithm's own
 `client_fit` — the same call the embedded engine makes, with the same seeds, so the update is
-identical. The client's data never leaves this process: only the adapter (or, under SecAgg+,
-its masked form) is sent back.
+identical. The client's data never leaves this process: only the adapter and its training
+metrics (or, under SecAgg+, their masked form) are sent back.
 
 Between messages the client keeps exactly what the algorithm's `client_state` hook returns, in
 Flower's node state (`Context.state`), bound to the experiment it belongs to. In deployment each
@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 
 from fedcollm.engines.flower import records, secagg
 from fedcollm.engines.flower.options import FlowerEngineError
+from fedcollm.federation.aggregate import upload_weight
 
 if TYPE_CHECKING:
     from fedcollm.algorithms.base import Algorithm
@@ -190,9 +191,13 @@ def train_local(msg: Message, context: Context) -> Message:
         client=reply.client, num_examples=reply.num_examples, metrics=dict(reply.metrics)
     )
     if request.hold:
-        # The adapter stays on this node; it leaves only masked, through SecAgg+.
-        held = algorithm.from_wire(reply.arrays)
-        result.names, result.bound = secagg.hold(context, request.rnd, held, reply.num_examples)
+        # The adapter and the metrics stay on this node; they leave only masked, through SecAgg+,
+        # weighted as the server's plain mean would weigh them.
+        weight = upload_weight(reply.num_examples, algorithm.config.federation.weighting)
+        held = secagg.hold(context, request.rnd, algorithm.from_wire(reply.arrays), weight, reply.metrics)
+        result.metrics = {}
+        result.names, result.bound = held.names, held.bound
+        result.metric_names, result.metrics_bound = held.metric_names, held.metrics_bound
     else:
         result.arrays = reply.arrays
     return Message(result.to_record(), reply_to=msg)

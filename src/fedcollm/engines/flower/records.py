@@ -6,8 +6,9 @@ ClientApp process, and the SecAgg+ key-exchange stages must not pay for loading 
 Message types (the ClientApp registers one handler per type):
 - `query.hello`  server asks a SuperNode which client (partition) it is.
 - `train.local`  one round's local update (`Payload` in, `ClientReply` out). With `hold` set the
-  client keeps its adapter in its node state and replies only its example count, metrics and a
-  magnitude bound: the adapter then leaves the node only through SecAgg+ (`secagg`).
+  client keeps its adapter and its training metrics in its node state and replies only its
+  example count, the names of both and power-of-two magnitude bounds: adapter and metrics then
+  leave the node only through SecAgg+ (`secagg`), and the server learns only their means.
 - `evaluate`     a client scores its own SLM (algorithms whose server never holds its adapter).
 - `train`        the SecAgg+ stages (Flower's `secaggplus_mod`), uploading the held adapter masked.
 """
@@ -95,7 +96,7 @@ class TrainRequest:
 
 @dataclass
 class TrainResult:
-    """What `train.local` answers. `arrays` is empty when the client holds them for SecAgg+."""
+    """What `train.local` answers. `arrays` and `metrics` are empty when the client holds them for SecAgg+."""
 
     client: int
     num_examples: int
@@ -104,6 +105,10 @@ class TrainResult:
     names: list[str] = field(default_factory=list)
     bound: float = 0.0
     """A power of two strictly above the largest |value| of the held adapter (0 if not held)."""
+    metric_names: list[str] = field(default_factory=list)
+    """The held metrics' names, in the order they are masked (their values stay on the node)."""
+    metrics_bound: float = 0.0
+    """A power of two strictly above the largest |value| of the held metrics (0: none held)."""
 
     def to_record(self) -> RecordDict:
         content = RecordDict(
@@ -114,6 +119,8 @@ class TrainResult:
                         "num_examples": self.num_examples,
                         "names": list(self.names),
                         "bound": float(self.bound),
+                        "metric_names": list(self.metric_names),
+                        "metrics_bound": float(self.metrics_bound),
                     }
                 ),
                 REPLY_METRICS: MetricRecord({k: float(v) for k, v in self.metrics.items()}),
@@ -131,7 +138,7 @@ class TrainResult:
             if REPLY_ARRAYS in content.array_records
             else {}
         )
-        names = meta.get("names")
+        names, metric_names = meta.get("names"), meta.get("metric_names")
         return cls(
             client=int(number(meta, "client")),
             num_examples=int(number(meta, "num_examples")),
@@ -139,4 +146,6 @@ class TrainResult:
             arrays=arrays,
             names=[str(n) for n in names] if isinstance(names, list) else [],
             bound=number(meta, "bound"),
+            metric_names=[str(n) for n in metric_names] if isinstance(metric_names, list) else [],
+            metrics_bound=number(meta, "metrics_bound") if "metrics_bound" in meta else 0.0,
         )

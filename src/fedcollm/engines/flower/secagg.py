@@ -12,14 +12,24 @@ silent failure modes follow, both measured on this machine: a clipping range bel
 |w * value| corrupts the mean (41% error seen), and sums above the modulus wrap around. Nothing
 in Flower checks either. Here:
 
-1. Each client trains first (message `train.local` with `hold`), keeps its adapter in its node
-   state and reports its example count and a power-of-two bound on its largest |value|.
-2. `derive_settings` picks max_weight = the largest example count, clipping_range = the largest
+1. Each client trains first (message `train.local` with `hold`), keeps its adapter and its
+   training metrics (train_loss, steps, ...) in its node state and reports its example count, a
+   power-of-two bound on its adapter's largest |value|, its metrics' names and a power-of-two
+   bound on their largest |value| (never the metrics themselves). The weight n its upload
+   carries is `upload_weight` of its example count (`federation.weighting`: the count itself,
+   or 1 for uniform weighting), as in the server's plain mean; both sides derive it from the
+   same experiment.
+2. `derive_settings` picks max_weight = the largest weight, clipping_range = the largest
    w_k * bound_k (so nothing is ever clipped) and the largest quantisation range that cannot
-   overflow the modulus; explicit settings are validated against the same limits.
-3. SecAgg+ runs; the server receives only the weighted mean.
+   overflow the modulus; explicit settings are validated against the same limits. It also picks
+   the metric scale, which maps every client's metrics into the clipping range.
+3. SecAgg+ runs; each client's masked vector is its adapter plus one entry per metric (times the
+   metric scale), so the server receives only the weighted mean of both: the weighted
+   mean of each metric over the clients in the aggregate, and nothing per client
+   (`split_metrics`).
 4. `error_bound` gives a guaranteed bound on the quantisation error of that mean; an aggregate
    whose bound exceeds the tolerance (relative, L2) is refused, naming the setting to change.
+   `metric_error_bound` bounds the error of the metric means the same way.
 """
 
 from __future__ import annotations
@@ -46,7 +56,9 @@ if TYPE_CHECKING:
 HELD_ARRAYS = "fedcollm.held"
 """Node-state record of the adapter a client holds for SecAgg+ (float32, decoded from the wire)."""
 HELD_META = "fedcollm.held.meta"
-"""Node-state record of the held adapter's round and example count."""
+"""Node-state record of the held adapter's round and weight, and the held metrics."""
+METRIC_SCALE = "fedcollm.metric-scale"
+"""SecAgg+ request config entry: the factor every client multiplies its held metrics by."""
 
 
 class SecAggSettingsError(FlowerEngineError):
@@ -59,12 +71,29 @@ class SecAggUploadError(FlowerEngineError, ValueError):
 
 @dataclass(frozen=True)
 class ClientStats:
-    """What a client discloses in plain before SecAgg+: its weight and a magnitude bound."""
+    """What a client discloses in plain before SecAgg+: its weight and magnitude bounds."""
 
     node_id: int
     client: int
-    num_examples: int
+    weight: int
+    """The weight its upload carries (`upload_weight`: its example count, or 1 when uniform)."""
     bound: float
+    metrics_bound: float = 0.0
+    """A power of two above the largest |value| of its held metrics (0: it holds none)."""
+
+
+@dataclass(frozen=True)
+class HeldUpload:
+    """What `hold` lets the server know of what a client holds for SecAgg+ (`train.local`'s reply)."""
+
+    names: list[str]
+    """The adapter's array names, in upload order."""
+    bound: float
+    """A power of two above the adapter's largest |value|."""
+    metric_names: list[str]
+    """The held metrics' names, in upload order (their values stay on the client)."""
+    metrics_bound: float
+    """A power of two above the held metrics' largest |value| (0 without metrics)."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +109,13 @@ class SecAggSettings:
     weights: tuple[float, ...]
     """Each client's effective weight q_ratio / quantization_range, as SecAgg+ applies it."""
     exact_weights: tuple[float, ...]
-    """Each client's exact weight n / max_weight (what plain FedAvg would use)."""
+    """Each client's exact weight n / max_weight (what the server's plain mean would use)."""
     bounds: tuple[float, ...]
     """Each client's reported magnitude bound."""
+    metrics_bound: float = 0.0
+    """The largest reported metrics bound (0: the clients hold no metrics)."""
+    metric_scale: float = 0.0
+    """Factor every client multiplies its metrics by: clipping_range / (metrics_bound * max weight)."""
 
     @property
     def step(self) -> float:
@@ -90,20 +123,20 @@ class SecAggSettings:
         return 2 * self.clipping_range / self.quantization_range
 
 
-def effective_weight(num_examples: int, max_weight: float, quantization_range: int) -> float:
+def effective_weight(weight: int, max_weight: float, quantization_range: int) -> float:
     """The weight SecAgg+ really applies: w = n / max_weight rounded to 1 / quantization_range."""
-    return round(num_examples / max_weight * quantization_range) / quantization_range
+    return round(weight / max_weight * quantization_range) / quantization_range
 
 
 def derive_settings(stats: Sequence[ClientStats], options: FlowerOptions) -> SecAggSettings:
-    """SecAgg+ parameters for these clients, from their example counts and magnitude bounds."""
+    """SecAgg+ parameters for these clients, from their upload weights and magnitude bounds."""
     if len(stats) < 2:
         raise SecAggSettingsError(f"SecAgg+ needs at least 2 clients in a round, got {len(stats)}")
     k = len(stats)
     modulus = options.secagg_modulus_range
-    largest = max(s.num_examples for s in stats)
+    largest = max(s.weight for s in stats)
     if largest <= 0:
-        raise SecAggSettingsError("every client reported zero training examples")
+        raise SecAggSettingsError("every client reported zero training examples (zero weight)")
     max_weight = options.secagg_max_weight or float(largest)
 
     # Each client's masked vector holds values in [0, Q] plus its weight factor q_ratio; the
@@ -135,11 +168,11 @@ def derive_settings(stats: Sequence[ClientStats], options: FlowerOptions) -> Sec
             "quantiser rounds into; lower it (or set it to 0 to derive it)"
         )
 
-    weights = tuple(effective_weight(s.num_examples, max_weight, q_range) for s in stats)
+    weights = tuple(effective_weight(s.weight, max_weight, q_range) for s in stats)
     for s, w in zip(stats, weights, strict=True):
         if w <= 0:
             raise SecAggSettingsError(
-                f"client {s.client}'s weight {s.num_examples}/{max_weight:g} rounds to zero at "
+                f"client {s.client}'s weight {s.weight}/{max_weight:g} rounds to zero at "
                 f"quantisation range {q_range}: lower secagg-max-weight (or set it to 0)"
             )
     needed = max(s.bound * w for s, w in zip(stats, weights, strict=True)) * (1 + 2**-20)
@@ -154,6 +187,11 @@ def derive_settings(stats: Sequence[ClientStats], options: FlowerOptions) -> Sec
             )
     else:
         clipping = needed
+    # Metrics ride along as extra entries of the masked vector. Scaled by s, client k's entries
+    # reach w_k * |m_k| * s < w_k * B * s <= clipping_range: never clipped, whatever the
+    # adapter's bound, and using the whole quantisation range.
+    metrics_bound = max(s.metrics_bound for s in stats)
+    metric_scale = clipping / (metrics_bound * max(weights)) if metrics_bound > 0 else 0.0
     return SecAggSettings(
         clipping_range=float(clipping),
         quantization_range=int(q_range),
@@ -162,8 +200,10 @@ def derive_settings(stats: Sequence[ClientStats], options: FlowerOptions) -> Sec
         num_shares=_share_count(options.secagg_num_shares),
         threshold=_share_count(options.secagg_threshold),
         weights=weights,
-        exact_weights=tuple(s.num_examples / max_weight for s in stats),
+        exact_weights=tuple(s.weight / max_weight for s in stats),
         bounds=tuple(s.bound for s in stats),
+        metrics_bound=float(metrics_bound),
+        metric_scale=float(metric_scale),
     )
 
 
@@ -191,6 +231,26 @@ def error_bound(settings: SecAggSettings, num_params: int) -> float:
     )
     # (1 + 1e-6): float64 arithmetic in the quantiser, ~1e-7 of a level at 2**30 levels.
     return (rounding * (1 + 1e-6) + reweighting) * math.sqrt(num_params)
+
+
+def metric_error_bound(settings: SecAggSettings) -> float:
+    """A guaranteed bound on the absolute error of each securely aggregated metric mean.
+
+    As `error_bound`, per entry, in metric units: the rounding error of K clients divided by the
+    sum of the weights and by the metric scale, plus the shift from rounding the weights (against
+    the exact weighted mean), at most the change in each normalised weight times the
+    largest metrics bound.
+    """
+    if settings.metric_scale <= 0:
+        return 0.0
+    k = len(settings.weights)
+    total, exact_total = sum(settings.weights), sum(settings.exact_weights)
+    rounding = k * settings.step / total / settings.metric_scale
+    reweighting = sum(
+        abs(w / total - e / exact_total) * settings.metrics_bound
+        for w, e in zip(settings.weights, settings.exact_weights, strict=True)
+    )
+    return rounding * (1 + 1e-6) + reweighting
 
 
 def check_aggregate(settings: SecAggSettings, aggregate: dict[str, np.ndarray], tolerance: float) -> float:
@@ -276,8 +336,10 @@ def run_secagg(
 ) -> tuple[list[np.ndarray], set[int]]:
     """Run Flower's SecAgg+ workflow over the nodes in `stats`; return the mean and who is in it.
 
-    The clients upload the adapters they hold from `train.local`; the server-side workflow
-    unmasks only their weighted sum, divided by the sum of weights.
+    The clients upload the adapters they hold from `train.local` (and after them, where they
+    hold metrics, one more array: the metrics times `settings.metric_scale`); the server-side
+    workflow unmasks only their weighted sum, divided by the sum of weights. `split_metrics`
+    takes the metric means off the result.
     """
     from flwr.app import ArrayRecord, Context
     from flwr.common import FitIns, Parameters, parameters_to_ndarrays
@@ -298,10 +360,11 @@ def run_secagg(
 
         def configure_fit(self, server_round, parameters, client_manager):
             empty = Parameters(tensors=[], tensor_type="numpy.ndarray")
-            return [
-                (GridClientProxy(s.node_id, grid, grid.run.run_id), FitIns(empty, {"round": rnd}))
-                for s in stats
-            ]
+            config: dict[str, bool | bytes | float | int | str] = {
+                "round": rnd,
+                METRIC_SCALE: settings.metric_scale,
+            }
+            return [(GridClientProxy(s.node_id, grid, grid.run.run_id), FitIns(empty, config)) for s in stats]
 
         def aggregate_fit(self, server_round, results, failures):
             if results:
@@ -357,6 +420,26 @@ def run_secagg(
     return strategy.aggregate, strategy.included
 
 
+def split_metrics(
+    settings: SecAggSettings, mean: list[np.ndarray], metric_names: Sequence[str]
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """The unmasked mean's adapter arrays, and its last array read back as the metric means.
+
+    Each metric's value is the weighted mean over the clients in the aggregate, with the
+    adapter's weights (`federation.weighting`: by example count, or uniform) (within
+    `metric_error_bound`); no single client's value can be recovered from it.
+    """
+    if not metric_names:
+        return mean, {}
+    if not mean or np.shape(mean[-1]) != (len(metric_names),) or settings.metric_scale <= 0:
+        raise FlowerEngineError(
+            f"the SecAgg+ aggregate holds no metric entries for {list(metric_names)} (client and server "
+            "disagree on the upload layout)"
+        )
+    values = np.asarray(mean[-1], dtype=np.float64) / settings.metric_scale
+    return mean[:-1], {name: float(v) for name, v in zip(metric_names, values, strict=True)}
+
+
 def finish_mean(
     settings: SecAggSettings,
     stats: list[ClientStats],
@@ -384,34 +467,63 @@ def finish_mean(
 # The client side
 
 
-def magnitude_bound(arrays: Mapping[str, np.ndarray]) -> float:
+def magnitude_bound(arrays: Mapping[str, np.ndarray], what: str = "the adapter") -> float:
     """The smallest power of two strictly greater than every |value| (>= 2**-40).
 
     Clients report this instead of their exact maximum so the server learns only the binary
-    order of magnitude of an adapter it is not allowed to see.
+    order of magnitude of an adapter (or of metrics) it is not allowed to see.
     """
     peak = max((float(np.max(np.abs(a))) for a in arrays.values() if a.size), default=0.0)
     if not math.isfinite(peak):
-        raise SecAggUploadError("the adapter holds NaN or infinite values; refusing to upload it")
+        raise SecAggUploadError(f"{what} holds NaN or infinite values; refusing to upload it")
     return 2.0 ** max(-40, math.floor(math.log2(peak)) + 1) if peak > 0 else 2.0**-40
 
 
-def hold(context: Context, rnd: int, adapter: Arrays, num_examples: int) -> tuple[list[str], float]:
-    """Keep a trained adapter in the node state for SecAgg+; return its names and magnitude bound.
+def hold(
+    context: Context,
+    rnd: int,
+    adapter: Arrays,
+    weight: int,
+    metrics: Mapping[str, float] | None = None,
+) -> HeldUpload:
+    """Keep a trained adapter and its metrics in the node state for SecAgg+; return what to disclose.
 
     The adapter is held decoded from the transport dtype: SecAgg+ quantises float values itself,
-    and a bfloat16 upload is a uint16 bit pattern it must not take for numbers.
+    and a bfloat16 upload is a uint16 bit pattern it must not take for numbers. The metrics
+    (train_loss, steps, ...) are held too: they leave the node only inside the masked vector.
+    `weight` is what SecAgg+ scales the upload by (`fedcollm.federation.aggregate.upload_weight`
+    of the example count, as the server's `ClientStats` has it).
     """
+    metrics = dict(metrics or {})
+    values = np.array([float(v) for v in metrics.values()], dtype=np.float64)
+    metrics_bound = magnitude_bound({"metrics": values}, "the training metrics") if metrics else 0.0
     context.state[HELD_ARRAYS] = records.to_array_record(adapter)
-    context.state[HELD_META] = ConfigRecord({"round": rnd, "num_examples": num_examples})
-    return list(adapter), magnitude_bound(adapter)
+    context.state[HELD_META] = ConfigRecord(
+        {
+            "round": rnd,
+            "weight": weight,
+            "metric_names": list(metrics),
+            "metric_values": [float(v) for v in values],
+        }
+    )
+    return HeldUpload(list(adapter), magnitude_bound(adapter), list(metrics), metrics_bound)
+
+
+def _held_metrics(meta: ConfigRecord) -> np.ndarray:
+    names, values = meta.get("metric_names", []), meta.get("metric_values", [])
+    if not isinstance(names, list) or not isinstance(values, list) or len(names) != len(values):
+        raise FlowerEngineError("the node state holds malformed metrics for SecAgg+")
+    return np.array([float(v) for v in values], dtype=np.float64)
 
 
 def masked_upload(msg: Message, context: Context) -> Message:
     """SecAgg+'s 'collect masked vectors' stage: hand the held adapter to `secaggplus_mod` to mask.
 
     The mod answers the other stages itself; it calls the ClientApp only to get the vector to
-    quantise and mask, so the held adapter is read here and dropped from the node state.
+    quantise and mask, so the held adapter is read here and dropped from the node state. The
+    held metrics are appended as one more array (times the request's metric scale); the reply
+    carries no metric in plain (`metrics={}`: the mod forwards this reply's records to the
+    server, clearing only its arrays).
     """
     if HELD_ARRAYS not in context.state.array_records:
         raise FlowerEngineError(
@@ -421,17 +533,28 @@ def masked_upload(msg: Message, context: Context) -> Message:
     held = records.from_array_record(context.state.array_records[HELD_ARRAYS])
     meta = context.state.config_records[HELD_META]
     del context.state[HELD_ARRAYS], context.state[HELD_META]
-    asked = recorddict_to_fitins(msg.content, keep_input=True).config.get("round")
+    config = recorddict_to_fitins(msg.content, keep_input=True).config
+    asked = config.get("round")
     held_round = int(records.number(meta, "round"))
     if asked is not None and int(asked) != held_round:
         raise FlowerEngineError(f"SecAgg+ round {asked!r} asked for the adapter of round {held_round}")
     # float64: SecAgg+ scales and quantises in the arrays' own precision, and float32 would lose
     # several quantisation levels per value at 2**30 levels.
     tensors = [ndarray_to_bytes(a.astype(np.float64)) for a in held.values()]
+    metrics = _held_metrics(meta)
+    if metrics.size:
+        # The metrics travel as one more masked array; the server unmasks only their weighted mean.
+        scale = config.get(METRIC_SCALE)
+        if not isinstance(scale, int | float) or not scale > 0:
+            raise FlowerEngineError(
+                f"SecAgg+ asked for the upload without a metric scale ({METRIC_SCALE}={scale!r}), but this "
+                "node holds training metrics, which must not leave it unmasked"
+            )
+        tensors.append(ndarray_to_bytes(metrics * float(scale)))
     fitres = FitRes(
         status=Status(code=Code.OK, message="held adapter"),
         parameters=Parameters(tensors=tensors, tensor_type="numpy.ndarray"),
-        num_examples=int(records.number(meta, "num_examples")),
+        num_examples=int(records.number(meta, "weight")),  # SecAgg+ scales the upload by it
         metrics={},
     )
     return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

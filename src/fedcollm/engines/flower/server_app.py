@@ -46,7 +46,7 @@ def serve(
 
     reporter = reporter or Reporter()
     algorithm, server, recorder = prepare_server(
-        config, out, overwrite=overwrite, resume=resume, reporter=reporter
+        config, out, overwrite=overwrite, resume=resume, reporter=reporter, secure_aggregation=options.secagg
     )
     transport = FlowerTransport(grid, config, options, reporter)
     if algorithm.uses_clients:

@@ -62,7 +62,11 @@ def run_simulation(
 ) -> RunRecorder:
     """Run `config` on Flower's simulation engine; write the run folder to `out`."""
 
+    from fedcollm.algorithms import check_config
+
     options = options or FlowerOptions()
+    # Before Ray starts: a config SecAgg+ cannot run stops here (the ServerApp checks it again).
+    check_config(config, secure_aggregation=options.secagg)
     recorder: list[RunRecorder] = []
 
     with flower_environment(out / ".flwr"):

@@ -4,7 +4,9 @@ The round loop (`fedcollm.experiment.loop.run_rounds`) runs inside the ServerApp
 transport exactly as it calls the embedded one. `fit` returns every client's reply;
 `fit_aggregate` runs the round under SecAgg+ (`fedcollm.engines.flower.secagg`) and returns only
 the weighted mean, which the loop hands to the algorithm's server step (for FedCoLLM: the
-distillation runs on the securely aggregated adapter).
+distillation runs on the securely aggregated adapter), and the clients' training metrics as
+SecAgg+ aggregated them too: each one's mean with the adapters' weights (`federation.weighting`:
+by example count, or uniform), no client's own value.
 
 SuperNodes are told which client they are by their node config (`partition-id`,
 `num-partitions`); the transport asks each new node once (`query.hello`) and checks that the K
@@ -30,8 +32,11 @@ from fedcollm.engines.flower.secagg import (
     SecAggSettings,
     derive_settings,
     finish_mean,
+    metric_error_bound,
     run_secagg,
+    split_metrics,
 )
+from fedcollm.federation.aggregate import upload_weight
 from fedcollm.protocol import ClientReply, ClientStates, Payload, Reporter, SecureAggregate
 
 if TYPE_CHECKING:
@@ -284,13 +289,28 @@ class FlowerTransport:
         results = self._exchange(payload, rnd, hold=True)
         self._require(rnd, len(results), self.options.min_clients, "trained")
         names = list(payload.arrays)
+        metric_names = results[0][1].metric_names if results else []
         for _, r in results:
             if r.names != names:
                 raise FlowerEngineError(
                     f"client {r.client} holds adapter names that differ from the global "
                     f"adapter's ({r.names[:2]}... vs {names[:2]}...); SecAgg+ needs the same layout"
                 )
-        stats = [ClientStats(node, r.client, r.num_examples, r.bound) for node, r in results]
+            if r.metric_names != metric_names:
+                raise FlowerEngineError(
+                    f"client {r.client} holds metrics {r.metric_names} but client {results[0][1].client} "
+                    f"holds {metric_names}; SecAgg+ needs the same layout"
+                )
+            if r.metrics:
+                raise FlowerEngineError(
+                    f"client {r.client} sent its training metrics in plain during a SecAgg+ round; "
+                    "they must travel masked (is it running an older fedcollm?)"
+                )
+        weighting = self.config.federation.weighting
+        stats = [
+            ClientStats(node, r.client, upload_weight(r.num_examples, weighting), r.bound, r.metrics_bound)
+            for node, r in results
+        ]
         settings = derive_settings(stats, self.options)
         self.secagg_settings[rnd] = settings
         self.reporter.phase(f"round {rnd} · SecAgg+ over {len(stats)} clients")
@@ -302,6 +322,7 @@ class FlowerTransport:
                 self._fail(rnd, result.client, "lost during SecAgg+")
         self._require(rnd, len(included), self.options.min_clients, "completed SecAgg+")
         shapes = {name: payload.arrays[name].shape for name in names}
+        mean, metrics = split_metrics(settings, mean, metric_names)
         aggregate, settings, self.secagg_error[rnd] = finish_mean(
             settings, stats, included, mean, shapes, self.options.secagg_tolerance
         )
@@ -309,6 +330,7 @@ class FlowerTransport:
             f"round {rnd}: SecAgg+ mean of {len(included)} clients (clipping {settings.clipping_range:.4g}, "
             f"{settings.quantization_range} levels, max weight {settings.max_weight:g}); quantisation "
             f"error <= {self.secagg_error[rnd]:.2e} relative"
+            + (f", metric means within {metric_error_bound(settings):.1e}" if metrics else "")
         )
         replies = [
             ClientReply(
@@ -317,7 +339,6 @@ class FlowerTransport:
                 # communication ledger count what each client uploaded (masked).
                 arrays={n: np.broadcast_to(np.float32(0), shapes[n]) for n in names},
                 num_examples=by_node[node].num_examples,
-                metrics=by_node[node].metrics,
             )
             for node in sorted(included, key=lambda n: by_node[n].client)
         ]
@@ -325,6 +346,7 @@ class FlowerTransport:
             arrays=aggregate,
             num_examples=sum(r.num_examples for r in replies),
             replies=replies,
+            metrics=metrics,
         )
 
 
