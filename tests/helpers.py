@@ -150,3 +150,13 @@ def assert_no_processes_left(flwr_home: Path, timeout: float = 30.0) -> None:
     while (left := processes_with_env(entry)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes of this run still alive: {left}"
+
+
+def event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of one TensorBoard event folder, as TensorBoard shows them (its purges
+    applied), read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()[SCALARS]}

@@ -141,6 +141,43 @@ def test_a_run_crashed_mid_round_and_resumed_equals_an_uninterrupted_run(
     assert run_files(again) == run_files(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_evaluation_leaves_per_question_records_that_give_its_accuracy(
+    name: str, tiny_models: TinyModels, tmp_path: Path
+) -> None:
+    """Each evaluated (round, role, client) of metrics.jsonl has a records file, one line per
+    evaluation question in order, whose recomputed acc and acc_norm are the metrics'."""
+    from fedcollm.evaluation.records import read_question_sets
+    from fedcollm.parties.data import ExperimentData
+
+    config = config_of(name, tiny_models)
+    out = tmp_path / "run"
+    run_experiment(config, out)
+    questions = [r.id for r in ExperimentData.load(config).eval_requests(config)]
+    sets = {(s.round, s.role, s.client, s.set): s for s in read_question_sets(out)}
+    accs = [m for m in read_metrics(out) if m["metric"] == "acc"]
+    per_client = {(m["round"], m["role"]) for m in accs if m["client"] is not None}
+    # Where clients' models were scored one by one, their mean (client None) has no records.
+    evaluated = {
+        (m["round"], m["role"], m["client"]): m["value"]
+        for m in accs
+        if m["client"] is not None or (m["round"], m["role"]) not in per_client
+    }
+    assert evaluated, "the run evaluated nothing"
+    assert {(rnd, role, client) for rnd, role, client, kind in sets if kind == "eval"} == set(evaluated)
+    norm = {
+        (m["round"], m["role"], m["client"]): m["value"]
+        for m in read_metrics(out)
+        if m["metric"] == "acc_norm"
+    }
+    for (rnd, role, client, kind), qset in sets.items():
+        if kind != "eval":
+            continue
+        assert [q.id for q in qset.questions] == questions
+        assert qset.acc == pytest.approx(evaluated[(rnd, role, client)], abs=1e-12)
+        assert qset.acc_norm == pytest.approx(norm[(rnd, role, client)], abs=1e-12)
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

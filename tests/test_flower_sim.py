@@ -20,19 +20,39 @@ from fedcollm.parties.client import ClientRuntime
 from fedcollm.parties.data import ExperimentData
 from fedcollm.parties.loading import load_models
 from fedcollm.protocol import Payload, Reporter
-from tests.helpers import assert_no_processes_left, read_metrics, relative_l2, saved_adapter, tiny_config
+from tests.helpers import (
+    assert_no_processes_left,
+    event_scalars,
+    read_metrics,
+    relative_l2,
+    saved_adapter,
+    tiny_config,
+)
 
 
 def test_simulation_gives_the_embedded_engines_adapters_exactly(
     tiny_llama: Path, tiny_llama_big: Path, tmp_path: Path
 ) -> None:
-    cfg = build_config(tiny_config(tiny_llama, tiny_llama_big, federation={"rounds": 2, "num_clients": 3}))
+    federation = {"rounds": 2, "num_clients": 3}
+    cfg = build_config(
+        tiny_config(tiny_llama, tiny_llama_big, federation=federation, report_to=["tensorboard"])
+    )
     run_experiment(cfg, tmp_path / "embedded")
     run_experiment(cfg, tmp_path / "flower", engine="flower", flower=FlowerOptions(secagg=False))
 
     embedded, flower = saved_adapter(tmp_path / "embedded"), saved_adapter(tmp_path / "flower")
     assert all(np.array_equal(embedded[k], flower[k]) for k in embedded)
     assert read_metrics(tmp_path / "embedded") == read_metrics(tmp_path / "flower")
+    # TensorBoard: the round metrics alike; of the step losses, the server process sees its own only.
+    steps = {
+        name: event_scalars(tmp_path / name / "tensorboard" / "steps") for name in ("embedded", "flower")
+    }
+    assert set(steps["flower"]) == {"train/server/loss"}
+    assert [v for _, v in steps["flower"]["train/server/loss"]] == [
+        v for _, v in steps["embedded"]["train/server/loss"]
+    ]
+    rounds = [event_scalars(tmp_path / name / "tensorboard" / "rounds") for name in ("embedded", "flower")]
+    assert rounds[0] == rounds[1]
     assert (tmp_path / "flower" / ".flwr").is_dir()  # Flower's home inside the run folder
     assert_no_processes_left(tmp_path / "flower" / ".flwr")
 

@@ -1,4 +1,4 @@
-"""Command line: `fedcollm run`, `compare`, `deploy` and `eval`.
+"""Command line: `fedcollm run`, `compare`, `report`, `deploy` and `eval`.
 
 Every command turns a `FedcollmError` (bad input: a config key, a data file, a model, a client)
 into one `error:` line and exit code 2; anything else is a bug and keeps its traceback.
@@ -326,6 +326,21 @@ def _eval_with_lm_eval(
     typer.echo(json.dumps(report, indent=2))
 
 
+def _seed_list(text: str) -> list[int]:
+    """`--seeds 0,1,2` as integers; anything else is a `ConfigError` naming the option."""
+    from fedcollm.config import ConfigError
+
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2"
+        ) from None
+    if not seeds:
+        raise ConfigError("--seeds: no seed given (e.g. --seeds 0,1,2)")
+    return seeds
+
+
 @app.command()
 @_reports_bad_input
 def compare(
@@ -334,6 +349,10 @@ def compare(
     ],
     methods: Annotated[list[str] | None, typer.Option("--methods", help="Override compare.methods.")] = None,
     tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Override compare.tasks.")] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option("--seeds", help="Comma-separated seeds, e.g. 0,1,2 (overrides compare.seeds)."),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key: --set federation.rounds=2")
     ] = None,
@@ -351,10 +370,51 @@ def compare(
     cfg = load_config(config, set_ or [])
     methods = methods or list(cfg.compare.methods)
     tasks = tasks or cfg.compare.tasks or [cfg.task.name]
+    seed_list = _seed_list(seeds) if seeds is not None else cfg.compare.seeds or [cfg.seed]
     out = out or Path("runs") / f"compare-{cfg.name}"
     console.print(
-        f"[bold]compare[/] {cfg.name}: methods {', '.join(methods)} · tasks {', '.join(tasks)} → {out}"
+        f"[bold]compare[/] {cfg.name}: methods {', '.join(methods)} · tasks {', '.join(tasks)} · "
+        f"seeds {', '.join(map(str, seed_list))} → {out}"
     )
     with _progress() as progress:
-        run_comparison(cfg, out, run_experiment, methods, tasks, reporter=RichReporter(progress))
+        run_comparison(
+            cfg, out, run_experiment, methods, tasks, reporter=RichReporter(progress), seeds=seed_list
+        )
     console.print((out / "report.md").read_text(encoding="utf-8"))
+
+
+@app.command()
+@_reports_bad_input
+def report(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run folders (config.toml + metrics.jsonl) or comparison folders (fedcollm compare's).",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Tables and PNG plots of finished runs and comparisons, from their files alone (nothing is
+    trained or evaluated again): a run gets <run>/plots/ and a table of its accuracies, a
+    comparison its report.md, CSV tables and plots rebuilt."""
+    from rich.table import Table
+
+    from fedcollm.experiment.render import ComparisonReport, render
+
+    out = Console(highlight=False, soft_wrap=True)
+    for result in render(paths):
+        if isinstance(result, ComparisonReport):
+            for note in result.notes:
+                console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+            typer.echo(result.markdown)
+            written = escape(str(result.folder / "report.md"))
+            console.print(f"[green]rebuilt[/]: {written} ({len(result.runs)} runs)", highlight=False)
+            continue
+        table = Table(title=escape(result.title))
+        for column in result.rows[0] if result.rows else ("model",):
+            table.add_column(column, overflow="fold")
+        for row in result.rows:
+            table.add_row(*(escape(cell) for cell in row.values()))
+        out.print(table)
+        for plot in result.plots:
+            console.print(f"[green]wrote[/]: {escape(str(plot))}", highlight=False)

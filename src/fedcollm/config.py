@@ -32,6 +32,9 @@ Weighting = Literal["examples", "uniform"]
 """How much each accepted upload counts in a mean (`federation.weighting`)."""
 LrSchedule = Literal["per_round", "whole_run"]
 """What one warmup/linear-decay schedule spans (`train.lr_schedule`)."""
+ReportBackend = Literal["tensorboard"]
+"""Where a run also sends its step losses and per-round metrics (`report_to`)."""
+REPORT_BACKENDS: tuple[str, ...] = get_args(ReportBackend)
 
 
 LM_EVAL_SPLITS: dict[str, str] = {
@@ -281,6 +284,12 @@ class CrossLMConfig(_Section):
 class EvalConfig(_Section):
     split: str | None = Field(None, description="Split to evaluate; default: task.eval_split.")
     limit: int = Field(200, ge=0, description="Seeded subset size; 0 = the whole split.")
+    seed: int | None = Field(
+        None,
+        description="Seed that draws the evaluation subset (and CrossLM's held-out subset); none = the "
+        "experiment's seed. `fedcollm compare --seeds` sets it to the base experiment's, so every seed "
+        "scores the same questions while partition, LoRA initialisation, shuffling and dropout move.",
+    )
     every_round: bool = Field(True, description="Evaluate after every round, not only the last.")
     batch_size: int = Field(16, ge=1, description="Choices scored per forward pass.")
     models: list[Role] = Field(
@@ -347,7 +356,8 @@ class CheckpointConfig(_Section):
 
 
 class CompareConfig(_Section):
-    """What `fedcollm compare` runs: every method on every task, same partition and seeds."""
+    """What `fedcollm compare` runs: every method on every task (and seed), same partition, seeds and
+    evaluation questions across methods."""
 
     methods: list[AlgorithmName] = Field(
         default_factory=lambda: list(PAPER_METHODS),
@@ -363,6 +373,12 @@ class CompareConfig(_Section):
         return value
 
     tasks: list[str] = Field(default_factory=list, description="Tasks to compare on; empty = task.name.")
+    seeds: list[int] = Field(
+        default_factory=list,
+        description="Run every method once per seed (the experiment's `seed`: partition, LoRA "
+        "initialisation, shuffling, dropout), all scored on the questions the base experiment's seed "
+        "draws; empty = the experiment's seed only.",
+    )
 
 
 class ExperimentConfig(_Section):
@@ -378,6 +394,12 @@ class ExperimentConfig(_Section):
         description="Compute dtype of the frozen base models (adapters stay float32). auto: bfloat16 "
         "where the hardware computes it natively (CPU with AVX-512 BF16 or AMX), else float32; "
         "same accuracy, faster training and evaluation (bench/README.md).",
+    )
+    report_to: list[ReportBackend] = Field(
+        default_factory=list,
+        description="Also send the loss of each optimiser step and every metrics.jsonl line to: "
+        '"tensorboard" (event files in <run>/tensorboard/, `tensorboard --logdir`; on Flower only '
+        "the server's steps). Empty = metrics.jsonl only.",
     )
     slm: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m"))
     llm: ModelConfig | None = Field(
@@ -400,11 +422,27 @@ class ExperimentConfig(_Section):
     def _known_algorithm(cls, value: Any) -> Any:
         return _known_algorithm_name(value)
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_backends(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for name in value:
+                if name not in REPORT_BACKENDS:
+                    raise ValueError(
+                        f"unknown report_to backend {name!r}; available: {', '.join(REPORT_BACKENDS)}"
+                    )
+        return value
+
     @model_validator(mode="after")
     def _eval_split_default(self) -> ExperimentConfig:
         if self.eval.split is None and self.task.eval_split is not None:
             self.eval.split = self.task.eval_split
         return self
+
+    @property
+    def eval_seed(self) -> int:
+        """The seed that draws the evaluation questions: `eval.seed`, else the experiment's."""
+        return self.seed if self.eval.seed is None else self.eval.seed
 
     @property
     def eval_split(self) -> str:

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from fedcollm.algorithms.steps import evaluate_role, mean_over_clients
+from fedcollm.algorithms.steps import evaluate_role, mean_over_clients, score_model
 from fedcollm.config import ExperimentConfig
-from fedcollm.evaluation.multiple_choice import evaluate
+from fedcollm.evaluation import records
+from fedcollm.evaluation.records import QuestionSet
 from fedcollm.federation import wire
 from fedcollm.federation.robust import AGGREGATORS, Rejection, screen_uploads
 from fedcollm.lm.lora import get_adapter, set_adapter
@@ -144,19 +145,20 @@ class Algorithm(ABC):
     def client_evaluate(
         self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
     ) -> ClientReply:
-        """A client scores its own SLM (its current adapter) on the public evaluation set."""
+        """A client scores its own SLM (its current adapter) on the public evaluation set.
+
+        The reply carries the metrics and, for the per-question records, every choice's
+        log-likelihood (`records.to_wire`; the server knows the questions).
+        """
         if "adapter" in client.state:
             set_adapter(client.slm.model, client.state["adapter"])
         reporter.phase(f"round {rnd} · client {client.client_id} evaluating its {client.slm.name}")
-        result = evaluate(
-            client.slm.model,
-            client.slm.tokenizer,
-            client.encoded_eval(self.config),
-            add_bos=client.slm.add_bos,
-            batch_size=self.config.eval.batch_size,
-            on_batch=lambda b, total: reporter.advance(b, total),
+        result = score_model(
+            self.config, client.slm, client.encoded_eval(self.config), reporter, client.resources
         )
-        return ClientReply(client.client_id, {}, result.n, result.summary())
+        return ClientReply(
+            client.client_id, records.to_wire(result.loglikelihoods), result.n, result.summary()
+        )
 
     def aggregate_evaluate(self, replies: Sequence[ClientReply], rnd: int) -> list[Metric]:
         """Per-client SLM accuracy and its mean over clients (role "slm", client None)."""
@@ -164,6 +166,21 @@ class Algorithm(ABC):
             Metric(rnd, "slm", r.client, key, value) for r in replies for key, value in r.metrics.items()
         ]
         return metrics + mean_over_clients(metrics, rnd)
+
+    def client_question_sets(
+        self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int
+    ) -> list[QuestionSet]:
+        """The per-question records of the clients' own evaluations (`client_evaluate`'s replies)."""
+        return [
+            QuestionSet.from_loglikelihoods(
+                rnd,
+                "slm",
+                r.client,
+                server.eval_requests,
+                records.from_wire(r.arrays, server.eval_requests, r.client),
+            )
+            for r in replies
+        ]
 
     def server_state(self, server: ServerRuntime) -> dict[str, Any]:
         """What the server must keep to continue after a round: adapters and `server_state_keys`.

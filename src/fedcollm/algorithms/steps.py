@@ -3,17 +3,20 @@ and of the server's LLM, and the evaluation of one model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from fedcollm.config import ExperimentConfig
-from fedcollm.evaluation.multiple_choice import evaluate
+from fedcollm.evaluation.multiple_choice import EncodedRequests, EvalResult, score, sequence_loglikelihoods
+from fedcollm.evaluation.records import QuestionSet
 from fedcollm.federation import wire
 from fedcollm.lm.encoding import Encoded
 from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.client import ClientRuntime
+from fedcollm.parties.resources import SharedResources
 from fedcollm.parties.server import ServerRuntime
 from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, Seed, derive_seed
 from fedcollm.training.optimise import ScheduleSpan
@@ -35,6 +38,35 @@ def mean_over_clients(metrics: Sequence[Metric], rnd: int, role: str = "slm") ->
     ]
 
 
+def score_model(
+    config: ExperimentConfig,
+    lm: LoadedModel,
+    encoded: EncodedRequests,
+    reporter: Reporter,
+    resources: SharedResources,
+) -> EvalResult:
+    """Zero-shot acc/acc_norm of `lm` (its current adapter) on encoded questions.
+
+    While the adapter is the identity (before any training) and the run has a `BaselineStore`
+    (`resources.baselines`: a comparison's), the base model's log-likelihoods are read from it if
+    another run computed them, and stored for the next run otherwise.
+    """
+    if not encoded.requests:
+        raise ValueError("no questions to evaluate")
+
+    def compute() -> np.ndarray:
+        batch_size = config.eval.batch_size
+        return sequence_loglikelihoods(lm.model, encoded.sequences, lm.pad_id, batch_size, reporter.advance)
+
+    store = resources.baselines
+    if store is None:
+        return score(encoded, compute())
+    lls, reused = store.loglikelihoods(lm.name, lm.model, encoded, config.eval.batch_size, compute)
+    if reused:
+        reporter.message(f"{lm.name}: base-model evaluation reused from {store.folder}")
+    return score(encoded, lls)
+
+
 def evaluate_role(
     config: ExperimentConfig,
     server: ServerRuntime,
@@ -44,21 +76,40 @@ def evaluate_role(
     adapter: Arrays | None = None,
     client: int | None = None,
 ) -> list[Metric]:
-    """Evaluate one model (with `adapter` loaded into it, if given) and return its metrics."""
+    """Evaluate one model (with `adapter` loaded into it, if given) and return its metrics.
+
+    Its per-question records go to `server.evaluations` (the run writes them to `questions/`).
+    """
     lm = server.model(role)
     if adapter is not None:
         set_adapter(lm.model, adapter)
     who = f"{role} ({lm.name})" if client is None else f"{role} of client {client}"
     reporter.phase(f"round {rnd} · evaluating {who}")
-    result = evaluate(
-        lm.model,
-        lm.tokenizer,
-        server.encoded_eval(role),
-        add_bos=lm.add_bos,
-        batch_size=config.eval.batch_size,
-        on_batch=lambda b, total: reporter.advance(b, total),
+    encoded = server.encoded_eval(role)
+    result = score_model(config, lm, encoded, reporter, server.resources)
+    server.evaluations.append(
+        QuestionSet.from_loglikelihoods(rnd, role, client, encoded.requests, result.loglikelihoods)
     )
     return [Metric(rnd, role, client, key, value) for key, value in result.summary().items()]
+
+
+def evaluate_llm_while_changed(
+    server: ServerRuntime, rnd: int, evaluate: Callable[[], list[Metric]]
+) -> list[Metric]:
+    """`evaluate()`, or its last result again while the LLM has not changed since.
+
+    For algorithms whose LLM trains in some rounds only: they count its versions in
+    `server.state["llm_version"]`. A reused evaluation is recorded for round `rnd`, per-question
+    records included.
+    """
+    version = server.state.get("llm_version", 0)
+    cached = server.state.get("llm_eval")
+    if cached is not None and cached[0] == version:
+        server.evaluations += [replace(qset, round=rnd) for qset in cached[2]]
+        return [Metric(rnd, m.role, m.client, m.metric, m.value) for m in cached[1]]
+    metrics = evaluate()
+    server.state["llm_eval"] = (version, tuple(metrics), tuple(server.evaluations))
+    return list(metrics)
 
 
 def train_client_adapter(

@@ -20,6 +20,7 @@ from fedcollm.protocol import Reporter
 
 if TYPE_CHECKING:
     from fedcollm.engines.flower.options import FlowerOptions
+    from fedcollm.evaluation.baselines import BaselineStore
     from fedcollm.experiment.recording import RunRecorder
 
 EngineName = Literal["local", "flower"]
@@ -33,10 +34,11 @@ def _local(
     resume: bool,
     reporter: Reporter | None,
     flower: FlowerOptions | None,
+    baselines: BaselineStore | None,
 ) -> RunRecorder:
     from fedcollm.engines.local import run_local
 
-    return run_local(config, out, overwrite=overwrite, resume=resume, reporter=reporter)
+    return run_local(config, out, overwrite=overwrite, resume=resume, reporter=reporter, baselines=baselines)
 
 
 def _flower(
@@ -47,10 +49,13 @@ def _flower(
     resume: bool,
     reporter: Reporter | None,
     flower: FlowerOptions | None,
+    baselines: BaselineStore | None,
 ) -> RunRecorder:
     from fedcollm.engines.flower.simulation import run_simulation
 
-    return run_simulation(config, out, flower, overwrite=overwrite, resume=resume, reporter=reporter)
+    return run_simulation(
+        config, out, flower, overwrite=overwrite, resume=resume, reporter=reporter, baselines=baselines
+    )
 
 
 ENGINES: dict[str, Callable[..., RunRecorder]] = {"local": _local, "flower": _flower}
@@ -66,12 +71,16 @@ def run_experiment(
     reporter: Reporter | None = None,
     engine: EngineName = "local",
     flower: FlowerOptions | None = None,
+    baselines: BaselineStore | None = None,
 ) -> RunRecorder:
     """Run `config` on `engine` and write its run folder to `out` (`flower`: Flower engine options).
 
     With `resume`, continue the run in `out` from its newest checkpoint (the folder must hold
-    the same experiment; without a checkpoint the run starts from the beginning).
+    the same experiment; without a checkpoint the run starts from the beginning). `baselines`:
+    a store of base-model evaluations shared across runs (`fedcollm compare` passes one).
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
-    return ENGINES[engine](config, out, overwrite=overwrite, resume=resume, reporter=reporter, flower=flower)
+    return ENGINES[engine](
+        config, out, overwrite=overwrite, resume=resume, reporter=reporter, flower=flower, baselines=baselines
+    )

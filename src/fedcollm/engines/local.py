@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedcollm.algorithms import Algorithm
 from fedcollm.config import ExperimentConfig
+from fedcollm.evaluation.baselines import BaselineStore
 from fedcollm.experiment.loop import run_rounds
 from fedcollm.experiment.recording import RunRecorder
 from fedcollm.experiment.setup import prepare_server
@@ -25,13 +26,27 @@ class InProcessTransport:
     secure = False
     """No secure aggregation: every party is in this process, the server sees every upload."""
 
-    def __init__(self, algorithm: Algorithm, clients: list[ClientRuntime], reporter: Reporter) -> None:
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        clients: list[ClientRuntime],
+        reporter: Reporter,
+        recorder: RunRecorder | None = None,
+    ) -> None:
         self.algorithm = algorithm
         self.clients = clients
         self.reporter = reporter
+        self.fit_reporters = {client.client_id: reporter for client in clients}
+        """The reporter of each client's training: with a `recorder`, its optimiser steps also go to
+        the run's trackers (`report_to`) as `client-K`'s."""
+        if recorder is not None:
+            self.fit_reporters = {k: recorder.reporter(reporter, f"client-{k}") for k in self.fit_reporters}
 
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
-        return [self.algorithm.client_fit(client, payload, rnd, self.reporter) for client in self.clients]
+        return [
+            self.algorithm.client_fit(client, payload, rnd, self.fit_reporters[client.client_id])
+            for client in self.clients
+        ]
 
     def fit_aggregate(self, payload: Payload, rnd: int) -> SecureAggregate:
         raise NotImplementedError("the embedded engine has no secure aggregation (`secure` is False)")
@@ -57,10 +72,14 @@ def run_local(
     overwrite: bool = False,
     resume: bool = False,
     reporter: Reporter | None = None,
+    baselines: BaselineStore | None = None,
 ) -> RunRecorder:
-    """Run `config` with every party in this process; write its run folder to `out`."""
+    """Run `config` with every party in this process; write its run folder to `out`.
+
+    `baselines`: where base-model evaluations are kept across runs (a comparison's store).
+    """
     reporter = reporter or Reporter()
-    resources = SharedResources()
+    resources = SharedResources(baselines=baselines)
     algorithm, server, recorder = prepare_server(
         config, out, overwrite=overwrite, resume=resume, reporter=reporter, resources=resources
     )
@@ -68,6 +87,6 @@ def run_local(
     clients = [
         ClientRuntime.create(config, server.data, k, lm, resources) for k, lm in enumerate(client_models)
     ]
-    transport = InProcessTransport(algorithm, clients, reporter)
+    transport = InProcessTransport(algorithm, clients, reporter, recorder)
     run_rounds(algorithm, server, transport, recorder, reporter, resume=resume)
     return recorder

@@ -3,7 +3,9 @@
 Each (task, method) run is an ordinary run folder under `<out>/runs/`, named by a hash of its
 resolved configuration: a finished run with the same configuration is reused, not redone. The
 runs go through a `Runner` the caller passes (`fedcollm.engines.run_experiment` from the
-command line), so a comparison runs on any engine.
+command line), so a comparison runs on any engine. Every run shares the comparison's
+`BaselineStore` (`<out>/baselines/`): each base model is evaluated once per task and evaluation
+set, and the Zero-Shot row and every method's round 0 read that one evaluation.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedcollm.config import PAPER_METHODS, ExperimentConfig
+from fedcollm.config import PAPER_METHODS, ConfigError, ExperimentConfig
+from fedcollm.evaluation.baselines import BaselineStore
 from fedcollm.experiment.checkpoint import CHECKPOINT_DIR
-from fedcollm.experiment.plan import plan, variant
+from fedcollm.experiment.plan import plan, variant, with_seed
 from fedcollm.experiment.report import RunRef, write_report
 from fedcollm.protocol import Reporter
+
+BASELINES_DIR = "baselines"
+"""The comparison folder's store of base-model evaluations (`BaselineStore`)."""
 
 
 class Runner(Protocol):
@@ -31,6 +37,7 @@ class Runner(Protocol):
         overwrite: bool = False,
         resume: bool = False,
         reporter: Reporter | None = None,
+        baselines: BaselineStore | None = None,
     ) -> Any: ...
 
 
@@ -63,24 +70,37 @@ def run_comparison(
     methods: Sequence[str] = PAPER_METHODS,
     tasks: Sequence[str] | None = None,
     reporter: Reporter | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[RunRef]:
-    """Run (or reuse) every method on every task, then write the paper-style report to `out`."""
+    """Run (or reuse) every method on every task, once per seed, then write the report to `out`.
+
+    `seeds` (default: `compare.seeds`, else the base experiment's seed alone): each seed moves
+    the partition, LoRA initialisation, shuffling and dropout; every seed is scored on the same
+    evaluation questions (`with_seed`).
+    """
     reporter = reporter or Reporter()
     tasks = list(tasks or [base.task.name])
+    seeds = list(seeds or base.compare.seeds or [base.seed])
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"compare seeds {seeds} repeat a seed; list each once")
     plan(base, list(methods), tasks)  # fails before any training on unknown methods/tasks/data
     runs = []
-    for task in tasks:
-        for method in methods:
-            config = variant(base, task, method)
-            folder = out / "runs" / f"{task}-{method}-{config_key(config)}"
-            if is_finished(folder, config):
-                reporter.message(f"{task} · {method}: reusing {folder}")
-            elif is_started(folder, config):
-                reporter.message(f"{task} · {method}: resuming {folder}")
-                runner(config, folder, resume=True, reporter=reporter)
-            else:
-                reporter.message(f"{task} · {method}: running into {folder}")
-                runner(config, folder, overwrite=True, reporter=reporter)
-            runs.append(RunRef(task, method, folder))
+    baselines = BaselineStore(out / BASELINES_DIR)
+    for seed in seeds:
+        seeded = with_seed(base, seed)
+        for task in tasks:
+            for method in methods:
+                config = variant(seeded, task, method)
+                folder = out / "runs" / f"{task}-{method}-{config_key(config)}"
+                what = f"{task} · {method}" + (f" · seed {seed}" if len(seeds) > 1 else "")
+                if is_finished(folder, config):
+                    reporter.message(f"{what}: reusing {folder}")
+                elif is_started(folder, config):
+                    reporter.message(f"{what}: resuming {folder}")
+                    runner(config, folder, resume=True, reporter=reporter, baselines=baselines)
+                else:
+                    reporter.message(f"{what}: running into {folder}")
+                    runner(config, folder, overwrite=True, reporter=reporter, baselines=baselines)
+                runs.append(RunRef(task, method, folder, seed))
     write_report(runs, out)
     return runs

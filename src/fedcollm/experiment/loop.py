@@ -87,13 +87,22 @@ def _require_secure(algorithm: Algorithm, result: SecureAggregate, rnd: int, rec
 
 
 def _evaluate(
-    algorithm: Algorithm, server: ServerRuntime, transport: Transport, rnd: int, reporter: Reporter
-) -> list[Metric]:
+    algorithm: Algorithm,
+    server: ServerRuntime,
+    transport: Transport,
+    rnd: int,
+    reporter: Reporter,
+    recorder: RunRecorder,
+) -> None:
+    """Evaluate as the algorithm does; record the metrics and every model's per-question records."""
     metrics = algorithm.evaluate(server, rnd, reporter)
+    question_sets = server.take_evaluations()
     if algorithm.evaluates_on_clients:
         replies = sorted(transport.evaluate(Payload({}, {"round": rnd}), rnd), key=lambda r: r.client)
         metrics += algorithm.aggregate_evaluate(replies, rnd)
-    return metrics
+        question_sets += algorithm.client_question_sets(server, replies, rnd)
+    recorder.record_questions(question_sets)
+    recorder.record(metrics)
 
 
 class _Checkpoints:
@@ -150,13 +159,15 @@ def run_rounds(
     """Evaluate before training, then T rounds of fit -> aggregate -> server step -> evaluate.
 
     The state is checkpointed after the first evaluation and after every round; with `resume`
-    the run continues from the newest checkpoint in the run folder.
+    the run continues from the newest checkpoint in the run folder. The server's optimiser steps
+    go to the run's trackers (`report_to`) as party `server`.
     """
+    reporter = recorder.reporter(reporter, "server")
     config = algorithm.config
     checkpoints = _Checkpoints(algorithm, server, transport, recorder)
     start = checkpoints.restore(reporter) if resume else None
     if start is None:
-        recorder.record(_evaluate(algorithm, server, transport, 0, reporter))
+        _evaluate(algorithm, server, transport, 0, reporter, recorder)
         checkpoints.save(0)
         start = 0
     rounds = algorithm.num_rounds()
@@ -184,6 +195,6 @@ def run_rounds(
                 aggregate = algorithm.aggregate_fit(server, accepted, rnd)
         recorder.record(algorithm.server_update(server, aggregate, rnd, reporter))
         if config.eval.every_round or rnd == rounds:
-            recorder.record(_evaluate(algorithm, server, transport, rnd, reporter))
+            _evaluate(algorithm, server, transport, rnd, reporter, recorder)
         checkpoints.save(rnd)
     recorder.finish(algorithm, server)

@@ -83,6 +83,21 @@ def variant(base: ExperimentConfig, task: str, method: str) -> ExperimentConfig:
     return build_config(data, f"{base.name} ({task}, {method})")
 
 
+def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """`config` with another experiment seed, scored on the questions its own seed draws.
+
+    The seed moves the partition, LoRA initialisation, shuffling and dropout; `eval.seed` is
+    pinned to the original evaluation seed so the evaluation set stays the same. The original
+    seed returns `config` itself (so runs made without seeds are reused).
+    """
+    if seed == config.seed:
+        return config
+    data = config.model_dump(mode="json")
+    data["seed"] = seed
+    data["eval"]["seed"] = config.eval_seed
+    return build_config(data, f"{config.name} (seed {seed})")
+
+
 def _run_of(config: ExperimentConfig, task: str, method: str) -> ExperimentConfig:
     """The experiment itself for its own task and algorithm, else its `variant`."""
     if (task, method) == (config.task.name, config.algorithm):

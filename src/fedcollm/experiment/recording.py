@@ -3,15 +3,20 @@
 Layout of `<out>/`:
 - `config.toml`          the resolved configuration (every default spelled out)
 - `metrics.jsonl`        one JSON object per line: round, role, client, metric, value
+- `questions/`           per evaluation (model, round), one line per question: gold, predictions,
+                         every choice's log-likelihood and length (`fedcollm.evaluation.records`)
 - `communication.json`   parameters and bytes each way per round, and their share of the model
 - `adapters/slm`, `adapters/llm`   final adapters in peft format
 - `results.md`           accuracy before and after, per model
+- `tensorboard/`         with `report_to = ["tensorboard"]`: step losses and round metrics as
+                         TensorBoard event files (`fedcollm.experiment.tracking`)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +26,12 @@ import numpy as np
 
 from fedcollm.config import ExperimentConfig
 from fedcollm.errors import FedcollmError
+from fedcollm.evaluation.records import QUESTIONS_DIR, QuestionSet, write_question_sets
+from fedcollm.experiment.tracking import TENSORBOARD_DIR, tracker_for, tracking_reporter
 from fedcollm.lm.lora import count_base_parameters, save_adapter
 from fedcollm.lm.precision import dtype_text
 from fedcollm.parties.server import ServerRuntime
-from fedcollm.protocol import Arrays, ClientReply, Metric, Payload
+from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter
 
 if TYPE_CHECKING:
     from fedcollm.algorithms import Algorithm
@@ -107,16 +114,32 @@ class RunRecorder:
                     "to continue it, --overwrite to start again, or choose another --out"
                 )
         out.mkdir(parents=True, exist_ok=True)
-        if not (resume and existing.exists()):
+        continuing = resume and existing.exists()
+        if not continuing:
             (out / "metrics.jsonl").write_text("", encoding="utf-8")
+            shutil.rmtree(out / QUESTIONS_DIR, ignore_errors=True)
+            shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
             _atomic_write(existing, config.to_toml())
+        self.tracker = tracker_for(config, out, resume=continuing)
+
+    def reporter(self, reporter: Reporter, party: str) -> Reporter:
+        """`reporter`, also sending the loss of each optimiser step of `party` (`server`,
+        `client-K`) to the trackers `report_to` asks for; unchanged without one."""
+        return tracking_reporter(reporter, self.tracker, party)
+
+    def record_questions(self, sets: Iterable[QuestionSet]) -> None:
+        """Write per-question records (one file per evaluation; a resumed run rewrites its own)."""
+        write_question_sets(self.out, sets)
 
     def snapshot(self) -> dict[str, Any]:
         """Metrics and communication so far, as JSON-able data (for checkpoints)."""
-        return {
+        snapshot: dict[str, Any] = {
             "metrics": [m.as_dict() for m in self.metrics],
             "communication": [self.ledger.rounds[r] for r in sorted(self.ledger.rounds)],
         }
+        if self.tracker is not None:
+            snapshot["tracking"] = self.tracker.state()
+        return snapshot
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Continue from a `snapshot`: metrics.jsonl is rewritten to hold exactly its metrics."""
@@ -125,6 +148,8 @@ class RunRecorder:
         _atomic_write(
             self.out / "metrics.jsonl", "".join(json.dumps(m.as_dict()) + "\n" for m in self.metrics)
         )
+        if self.tracker is not None:
+            self.tracker.restore(snapshot.get("tracking", {}), self.metrics)
 
     def record(self, metrics: Iterable[Metric]) -> None:
         new = list(metrics)
@@ -132,6 +157,8 @@ class RunRecorder:
         with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
             for metric in new:
                 fh.write(json.dumps(metric.as_dict()) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_metrics(new)
 
     def record_exchange(self, rnd: int, payload: Payload, replies: Sequence[ClientReply]) -> None:
         self.ledger.add(rnd, payload, replies)
@@ -142,7 +169,7 @@ class RunRecorder:
         )
 
     def finish(self, algorithm: Algorithm, server: ServerRuntime) -> None:
-        """Save the final adapters and write communication.json and results.md."""
+        """Save the final adapters, write communication.json and results.md, close the trackers."""
         save_adapter(server.slm.model, self.out / "adapters" / "slm", server.global_adapter)
         if server.llm is not None:
             save_adapter(server.llm.model, self.out / "adapters" / "llm")
@@ -154,6 +181,8 @@ class RunRecorder:
         results = results_markdown(self.config, self.metrics, summary)
         extra = algorithm.results_extra(self.metrics, summary)
         _atomic_write(self.out / "results.md", results + "\n".join(extra) + ("\n" if extra else ""))
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def _atomic_write(path: Path, text: str) -> None:

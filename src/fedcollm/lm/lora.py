@@ -90,6 +90,21 @@ def get_adapter(model: PeftModel) -> Arrays:
     return {k: state[k].detach().to(torch.float32).cpu().numpy().copy() for k in sorted(state)}
 
 
+def adapter_is_identity(model: PeftModel) -> bool:
+    """Whether the LoRA adapter leaves the base model's outputs unchanged: every B matrix is zero.
+
+    So it is right after `attach_lora` (peft initialises B to zero) and before any training; the
+    model then scores exactly as its base model does.
+    """
+    found = False
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            found = True
+            if bool(param.detach().any()):
+                return False
+    return found
+
+
 def set_adapter(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
     """Load named arrays into the adapter; names and shapes must match exactly."""
     expected = get_peft_model_state_dict(model)

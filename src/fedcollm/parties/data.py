@@ -30,7 +30,7 @@ class ExperimentData:
             seed=config.seed,
         )
         pool = load_questions(task.name, config.eval_split, task.source)
-        chosen = sample_indices(len(pool), config.eval.limit or None, config.seed)
+        chosen = sample_indices(len(pool), config.eval.limit or None, config.eval_seed)
         return cls(tuple(train), split, tuple(pool[i] for i in chosen))
 
     def requests(self, config: ExperimentConfig, indices: tuple[int, ...] | None = None) -> list[MCRequest]:

@@ -1,10 +1,12 @@
-"""What the parties of one process build at most once and share: tokenizers and token bridges.
+"""What the parties of one process build at most once and share: tokenizers, token bridges and
+base-model evaluations.
 
 A server that receives knowledge from clients running other models needs those models'
 tokenizers (not their weights), and every pair of tokenizers that split texts differently needs
 a MinED `TokenBridge`, whose construction reads its vocabulary map from the disk cache and
 normalises both vocabularies (seconds for Gemma's 262k tokens). The embedded engine gives its
 server and all its clients one `SharedResources`; each Flower client process holds its own.
+A comparison also hands every run one `BaselineStore`, so each base model is evaluated once.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ from dataclasses import dataclass, field
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.align.bridge import TokenBridge, needs_bridge
+from fedcollm.evaluation.baselines import BaselineStore
 from fedcollm.lm.loading import load_tokenizer
 from fedcollm.lm.models import LoadedModel
 
 
 @dataclass
 class SharedResources:
-    """Tokenizers by model name and bridges by (source, target) model name, built on first use."""
+    """Tokenizers by model name and bridges by (source, target) model name, built on first use;
+    optionally the store of base-model evaluations."""
 
     tokenizers: dict[str, PreTrainedTokenizerBase] = field(default_factory=dict)
     bridges: dict[tuple[str, str], TokenBridge | None] = field(default_factory=dict)
+    baselines: BaselineStore | None = None
+    """Where base-model evaluations are kept across runs (None: every run evaluates its own)."""
 
     def know(self, lm: LoadedModel) -> None:
         """Reuse a loaded model's tokenizer instead of loading it again by name."""

@@ -9,6 +9,7 @@ from typing import Any
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCRequest
 from fedcollm.evaluation.multiple_choice import EncodedRequests, encode_requests, scoring_length
+from fedcollm.evaluation.records import QuestionSet
 from fedcollm.lm.lora import get_adapter
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.data import ExperimentData
@@ -33,6 +34,8 @@ class ServerRuntime:
     """The run folder, for algorithms that write files of their own (None: write nothing)."""
     resources: SharedResources = field(default_factory=SharedResources)
     """Tokenizers and token bridges shared with the other parties of this process."""
+    evaluations: list[QuestionSet] = field(default_factory=list)
+    """Per-question records of the evaluations since the run last took them (`take_evaluations`)."""
 
     @classmethod
     def create(
@@ -71,6 +74,11 @@ class ServerRuntime:
                 max_length=scoring_length(lm.model, lm.tokenizer),
             )
         return self._eval_cache[role]
+
+    def take_evaluations(self) -> list[QuestionSet]:
+        """The per-question records gathered since the last call (the run writes them)."""
+        taken, self.evaluations = self.evaluations, []
+        return taken
 
     def model(self, role: str) -> LoadedModel:
         """The SLM (`role="slm"`) or the LLM (`"llm"`)."""

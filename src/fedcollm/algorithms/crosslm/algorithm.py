@@ -51,7 +51,13 @@ from fedcollm.algorithms.crosslm.synthetic import (
     write_jsonl,
 )
 from fedcollm.algorithms.registry import register
-from fedcollm.algorithms.steps import client_sft, evaluate_role, llm_sft
+from fedcollm.algorithms.steps import (
+    client_sft,
+    evaluate_llm_while_changed,
+    evaluate_role,
+    llm_sft,
+    score_model,
+)
 from fedcollm.config import ExperimentConfig, default_eval_split
 from fedcollm.data import MCQuestion, load_questions, render, sample_indices
 from fedcollm.errors import RoundError
@@ -59,10 +65,10 @@ from fedcollm.evaluation.multiple_choice import (
     EncodedRequests,
     context_window,
     encode_requests,
-    evaluate,
     scoring_length,
     sequence_loglikelihoods,
 )
+from fedcollm.evaluation.records import QuestionSet
 from fedcollm.federation.robust import Rejection, check_upload
 from fedcollm.lm.encoding import Encoded
 from fedcollm.lm.lora import get_adapter, set_adapter
@@ -427,15 +433,14 @@ class CrossLM(Algorithm):
         """The LLM on the target task and on the held-out task (reused while the LLM is unchanged)."""
         if "llm" not in self.eval_roles(server):
             return []
-        version = server.state.get("llm_version", 0)
-        cached = server.state.get("llm_eval")
-        if cached is not None and cached[0] == version:
-            return [Metric(rnd, m.role, m.client, m.metric, m.value) for m in cached[1]]
-        metrics = evaluate_role(self.config, server, "llm", rnd, reporter) + self._heldout(
-            server, rnd, reporter
+        return evaluate_llm_while_changed(
+            server,
+            rnd,
+            lambda: (
+                evaluate_role(self.config, server, "llm", rnd, reporter)
+                + self._heldout(server, rnd, reporter)
+            ),
         )
-        server.state["llm_eval"] = (version, tuple(metrics))
-        return metrics
 
     def _heldout(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> list[Metric]:
         config, cfg = self.config, self.config.crosslm
@@ -445,7 +450,7 @@ class CrossLM(Algorithm):
         if "heldout" not in server.state:
             split = cfg.heldout_split or default_eval_split(cfg.heldout_task)
             pool = load_questions(cfg.heldout_task, split, cfg.heldout_source)
-            chosen = sample_indices(len(pool), cfg.heldout_limit, config.seed)
+            chosen = sample_indices(len(pool), cfg.heldout_limit, config.eval_seed)
             requests = [render(cfg.heldout_task, pool[i], cfg.heldout_format) for i in chosen]
             server.state["heldout"] = encode_requests(
                 llm.tokenizer,
@@ -455,13 +460,11 @@ class CrossLM(Algorithm):
             )
         encoded: EncodedRequests = server.state["heldout"]
         reporter.phase(f"round {rnd} · evaluating llm ({llm.name}) on held-out {cfg.heldout_task}")
-        result = evaluate(
-            llm.model,
-            llm.tokenizer,
-            encoded,
-            add_bos=llm.add_bos,
-            batch_size=config.eval.batch_size,
-            on_batch=lambda b, total: reporter.advance(b, total),
+        result = score_model(config, llm, encoded, reporter, server.resources)
+        server.evaluations.append(
+            QuestionSet.from_loglikelihoods(
+                rnd, "llm", None, encoded.requests, result.loglikelihoods, "heldout"
+            )
         )
         return [Metric(rnd, "llm", None, f"heldout_{k}", v) for k, v in result.summary().items()]
 

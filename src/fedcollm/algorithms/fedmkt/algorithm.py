@@ -44,7 +44,7 @@ from fedcollm.algorithms.fedmkt.knowledge import (
 )
 from fedcollm.algorithms.fedmkt.report import knowledge_traffic, results_lines, round_traffic, traffic_metrics
 from fedcollm.algorithms.registry import register
-from fedcollm.algorithms.steps import client_sft, round_span
+from fedcollm.algorithms.steps import client_sft, evaluate_llm_while_changed, round_span
 from fedcollm.config import ExperimentConfig
 from fedcollm.data import MCRequest
 from fedcollm.errors import RoundError
@@ -437,13 +437,10 @@ class FedMKT(Algorithm):
         return [role for role in super().eval_roles(server) if role == "llm"]
 
     def evaluate(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> list[Metric]:
-        version = server.state.get("llm_version", 0)
-        cached = server.state.get("llm_eval")
-        if cached is not None and cached[0] == version:
-            return [Metric(rnd, m.role, m.client, m.metric, m.value) for m in cached[1]]
-        metrics = super().evaluate(server, rnd, reporter)
-        server.state["llm_eval"] = (version, tuple(metrics))
-        return list(metrics)
+        """The LLM (reused while it is unchanged)."""
+        return evaluate_llm_while_changed(
+            server, rnd, lambda: super(FedMKT, self).evaluate(server, rnd, reporter)
+        )
 
     def communication_extra(self, server: ServerRuntime) -> dict[str, Any]:
         """Knowledge-set traffic against the paper's N*S*K, for communication.json."""

@@ -27,6 +27,7 @@ from fedcollm.protocol import Reporter
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
     from fedcollm.experiment.recording import RunRecorder
+    from fedcollm.parties.resources import SharedResources
 
 
 def serve(
@@ -38,6 +39,7 @@ def serve(
     overwrite: bool = False,
     resume: bool = False,
     reporter: Reporter | None = None,
+    resources: SharedResources | None = None,
 ) -> RunRecorder:
     """Run `config` with the clients on the other end of `grid`; write the run folder to `out`."""
     from fedcollm.engines.flower.transport import FlowerTransport
@@ -46,7 +48,13 @@ def serve(
 
     reporter = reporter or Reporter()
     algorithm, server, recorder = prepare_server(
-        config, out, overwrite=overwrite, resume=resume, reporter=reporter, secure_aggregation=options.secagg
+        config,
+        out,
+        overwrite=overwrite,
+        resume=resume,
+        reporter=reporter,
+        resources=resources,
+        secure_aggregation=options.secagg,
     )
     transport = FlowerTransport(grid, config, options, reporter)
     if algorithm.uses_clients:

@@ -20,6 +20,7 @@ from fedcollm.engines.flower.options import FlowerOptions
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
+    from fedcollm.evaluation.baselines import BaselineStore
     from fedcollm.experiment.recording import RunRecorder
     from fedcollm.protocol import Reporter
 
@@ -59,8 +60,13 @@ def run_simulation(
     overwrite: bool = False,
     resume: bool = False,
     reporter: Reporter | None = None,
+    baselines: BaselineStore | None = None,
 ) -> RunRecorder:
-    """Run `config` on Flower's simulation engine; write the run folder to `out`."""
+    """Run `config` on Flower's simulation engine; write the run folder to `out`.
+
+    `baselines`: where the ServerApp (in this process) keeps base-model evaluations across runs;
+    the ClientApps, in their own processes, evaluate their own.
+    """
 
     from fedcollm.algorithms import check_config
 
@@ -76,13 +82,23 @@ def run_simulation(
 
         from fedcollm.engines.flower.client_app import app as client_app
         from fedcollm.engines.flower.server_app import serve
+        from fedcollm.parties.resources import SharedResources
 
         server_app = ServerApp()
 
         @server_app.main()
         def main(grid: Grid, context: Context) -> None:
             recorder.append(
-                serve(grid, config, out, options, overwrite=overwrite, resume=resume, reporter=reporter)
+                serve(
+                    grid,
+                    config,
+                    out,
+                    options,
+                    overwrite=overwrite,
+                    resume=resume,
+                    reporter=reporter,
+                    resources=SharedResources(baselines=baselines),
+                )
             )
 
         cores = os.cpu_count() or 1

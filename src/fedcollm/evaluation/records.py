@@ -1,0 +1,220 @@
+"""Per-question records of an evaluation: what paired comparisons between runs are made of.
+
+An evaluation of one model (one role, one client or the server's, one question set, one round)
+becomes one JSON Lines file in the run folder, `questions/<name>.jsonl` (`QuestionSet.file_name`),
+one line per question in evaluation order:
+
+    {"round": 2, "role": "slm", "client": null, "set": "eval", "id": "Mercury_7220990",
+     "gold": 2, "pred": 1, "pred_norm": 2,
+     "loglikelihoods": [-7.31, -5.02, -6.11, -9.4], "lengths": [12, 9, 15, 11]}
+
+`pred` is the argmax of the summed continuation log-likelihoods (lm-eval's `acc`), `pred_norm` of
+those sums divided by `lengths`, each choice text's length in characters (`acc_norm`). The
+question is right in `acc` when `pred == gold`. Log-likelihoods are written with every digit of
+their float64 value, so the accuracies recomputed from a file are those the run reported.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcollm.data import MCRequest
+from fedcollm.errors import FedcollmError
+
+QUESTIONS_DIR = "questions"
+"""The run folder's subfolder of per-question records."""
+WIRE_KEY = "questions.loglikelihoods"
+"""The reply array in which a client returns its per-choice log-likelihoods (flat, float64)."""
+
+
+class RecordsError(FedcollmError, ValueError):
+    """A per-question record file or message that cannot be read as one."""
+
+
+@dataclass(frozen=True)
+class QuestionRecord:
+    """One question as one model scored it."""
+
+    id: str
+    gold: int
+    pred: int
+    pred_norm: int
+    loglikelihoods: tuple[float, ...]
+    lengths: tuple[int, ...]
+
+    @property
+    def correct(self) -> bool:
+        """Right in lm-eval's `acc`."""
+        return self.pred == self.gold
+
+    @property
+    def correct_norm(self) -> bool:
+        """Right in lm-eval's `acc_norm`."""
+        return self.pred_norm == self.gold
+
+
+def choice_lengths(request: MCRequest) -> tuple[int, ...]:
+    """Each choice text's length in characters: lm-eval's `acc_norm` divisor."""
+    return tuple(len(text) for text in request.choice_texts)
+
+
+def question_record(request: MCRequest, loglikelihoods: Sequence[float]) -> QuestionRecord:
+    """A question's record from its choices' summed log-likelihoods, predicted as lm-eval does."""
+    lls = np.asarray(loglikelihoods, dtype=np.float64)
+    if lls.shape != (len(request.choice_texts),):
+        raise RecordsError(
+            f"question {request.id!r}: {lls.size} log-likelihoods for {len(request.choice_texts)} choices"
+        )
+    lengths = choice_lengths(request)
+    return QuestionRecord(
+        id=request.id,
+        gold=request.gold,
+        pred=int(np.argmax(lls)),
+        pred_norm=int(np.argmax(lls / np.asarray(lengths, dtype=np.float64))),
+        loglikelihoods=tuple(float(x) for x in lls),
+        lengths=lengths,
+    )
+
+
+@dataclass(frozen=True)
+class QuestionSet:
+    """The records of one evaluation: one model, one round, one question set."""
+
+    round: int
+    role: str
+    client: int | None
+    set: str
+    """Which question set: "eval" (the run's evaluation set) or an algorithm's own (CrossLM's "heldout")."""
+    questions: tuple[QuestionRecord, ...]
+
+    @property
+    def file_name(self) -> str:
+        """`round-0002-slm.jsonl`, `round-0000-slm-client-3.jsonl`, `round-0002-llm-heldout.jsonl`."""
+        parts = [f"round-{self.round:04d}", self.role]
+        if self.client is not None:
+            parts.append(f"client-{self.client}")
+        if self.set != "eval":
+            parts.append(self.set)
+        return "-".join(parts) + ".jsonl"
+
+    @property
+    def acc(self) -> float:
+        return float(np.mean([q.correct for q in self.questions])) if self.questions else float("nan")
+
+    @property
+    def acc_norm(self) -> float:
+        return float(np.mean([q.correct_norm for q in self.questions])) if self.questions else float("nan")
+
+    @classmethod
+    def from_loglikelihoods(
+        cls,
+        rnd: int,
+        role: str,
+        client: int | None,
+        requests: Sequence[MCRequest],
+        loglikelihoods: Sequence[Sequence[float]],
+        set_name: str = "eval",
+    ) -> QuestionSet:
+        """Records of `requests` from each question's per-choice log-likelihoods."""
+        if len(loglikelihoods) != len(requests):
+            raise RecordsError(f"{len(loglikelihoods)} scored questions for {len(requests)} requests")
+        questions = tuple(question_record(r, lls) for r, lls in zip(requests, loglikelihoods, strict=True))
+        return cls(rnd, role, client, set_name, questions)
+
+
+def to_wire(loglikelihoods: Sequence[Sequence[float]]) -> dict[str, np.ndarray]:
+    """A client's per-choice log-likelihoods as one reply array (question by question, flat)."""
+    flat = [float(x) for lls in loglikelihoods for x in lls]
+    return {WIRE_KEY: np.asarray(flat, dtype=np.float64)}
+
+
+def from_wire(
+    arrays: Mapping[str, np.ndarray], requests: Sequence[MCRequest], client: int
+) -> list[list[float]]:
+    """Inverse of `to_wire`, split by the requests' choice counts (the server knows the questions)."""
+    if WIRE_KEY not in arrays:
+        raise RecordsError(f"client {client}'s evaluation reply holds no {WIRE_KEY!r}")
+    flat = np.asarray(arrays[WIRE_KEY], dtype=np.float64).ravel()
+    counts = [len(r.choice_texts) for r in requests]
+    if flat.size != sum(counts):
+        raise RecordsError(
+            f"client {client} returned {flat.size} log-likelihoods for {sum(counts)} choices of "
+            f"{len(requests)} questions"
+        )
+    bounds = np.cumsum([0, *counts])
+    return [flat[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+
+
+def _line(qset: QuestionSet, question: QuestionRecord) -> str:
+    line: dict[str, Any] = {"round": qset.round, "role": qset.role, "client": qset.client, "set": qset.set}
+    data = asdict(question)
+    data["loglikelihoods"] = list(question.loglikelihoods)
+    data["lengths"] = list(question.lengths)
+    line.update(data)
+    return json.dumps(line)
+
+
+def write_question_sets(run_dir: Path, sets: Iterable[QuestionSet]) -> list[Path]:
+    """Write each set to `run_dir/questions/<file_name>` (atomically: temp file, then rename)."""
+    folder = run_dir / QUESTIONS_DIR
+    written = []
+    for qset in sets:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / qset.file_name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(_line(qset, q) + "\n" for q in qset.questions), encoding="utf-8")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+_FIELDS = ("round", "role", "client", "set", "id", "gold", "pred", "pred_norm", "loglikelihoods", "lengths")
+
+
+def read_question_set(path: Path) -> QuestionSet:
+    """One records file back as a `QuestionSet`; a malformed line is an error naming file and line."""
+    questions = []
+    header: tuple[int, str, int | None, str] | None = None
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            missing = [name for name in _FIELDS if name not in line]
+            if missing:
+                raise KeyError(", ".join(missing))
+            this = (int(line["round"]), str(line["role"]), line["client"], str(line["set"]))
+            question = QuestionRecord(
+                id=str(line["id"]),
+                gold=int(line["gold"]),
+                pred=int(line["pred"]),
+                pred_norm=int(line["pred_norm"]),
+                loglikelihoods=tuple(float(x) for x in line["loglikelihoods"]),
+                lengths=tuple(int(x) for x in line["lengths"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RecordsError(f"{path}, line {number}: not a question record ({exc})") from exc
+        if header is None:
+            header = this
+        elif this != header:
+            raise RecordsError(
+                f"{path}, line {number}: round/role/client/set {this} differ from line 1's {header}"
+            )
+        questions.append(question)
+    if header is None:
+        raise RecordsError(f"{path}: no question records")
+    return QuestionSet(*header, questions=tuple(questions))
+
+
+def read_question_sets(run_dir: Path) -> list[QuestionSet]:
+    """Every records file of a run folder, in file-name order (round, then role and client)."""
+    folder = run_dir / QUESTIONS_DIR
+    return [read_question_set(path) for path in sorted(folder.glob("*.jsonl"))] if folder.is_dir() else []
