@@ -12,6 +12,7 @@ from fedcollm.data import DataError
 from fedcollm.engines import run_experiment
 from fedcollm.experiment.compare import config_key, run_comparison, variant
 from fedcollm.experiment.plan import adapter_size, plan
+from fedcollm.experiment.report import LLM_PAIRS, METHOD_LABELS, SLM_PAIRS
 from tests.helpers import tiny_config
 
 
@@ -90,8 +91,8 @@ def test_compare_writes_the_paper_tables_and_reuses_finished_runs(
     runs = run_comparison(base, tmp_path, run_experiment, methods, ["arc_easy"])
     assert [r.method for r in runs] == methods
     report = (tmp_path / "report.md").read_text()
-    table1 = report.split("## Table 1")[1].split("## Table 2")[0]
-    table2 = report.split("## Table 2")[1].split("## Table 3")[0]
+    table1 = report.split("## Table 1")[1].split("## Paired comparisons")[0]
+    table2 = report.split("## Table 2")[1].split("## Paired comparisons")[0]
     assert all(m in table1 for m in ("Zero-Shot", "Centralized", "FedCoLLM"))
     assert all(m in table2 for m in ("Zero-Shot", "Standalone", "FedAvg", "FedCoLLM"))
     assert "Standalone" not in table1 and "Centralized" not in table2
@@ -108,3 +109,26 @@ def test_compare_writes_the_paper_tables_and_reuses_finished_runs(
     assert calls == []  # every run reused
     run_comparison(base.model_copy(update={"seed": 1}), tmp_path, counting, ["fedavg"], ["arc_easy"])
     assert calls == [f"{base.name}-arc_easy-fedavg"]  # a changed config is a new run
+
+    # Every pair the paper's claims rest on is tested question by question on the real runs.
+    slm = report.split("## Paired comparisons: client SLMs")[1].split("\n## ")[0]
+    llm = report.split("## Paired comparisons: server LLM")[1].split("\n## ")[0]
+    for section, pairs in ((slm, SLM_PAIRS), (llm, LLM_PAIRS)):
+        shown = [
+            line.split("|")[2].strip() for line in section.splitlines() if line.startswith("| arc_easy |")
+        ]
+        assert shown == [f"{METHOD_LABELS[a]} − {METHOD_LABELS[b]}" for a, b in pairs]
+
+    # With seeds, seed 0's runs are reused and the pairs are also pooled over the seeds.
+    calls.clear()
+    shared = ["fedavg", "fedcollm"]
+    run_comparison(base, tmp_path / "seeds", counting, shared, ["arc_easy"], seeds=[0, 1])
+    assert len(calls) == 4  # a fresh comparison folder: both methods at both seeds
+    seeded = (tmp_path / "seeds" / "report.md").read_text()
+    pooled = (
+        seeded.split("## Paired comparisons: client SLMs")[1].split("Pooled over seeds")[1].split("\n## ")[0]
+    )
+    assert [
+        line.split("|")[2].strip() for line in pooled.splitlines() if line.startswith("| arc_easy |")
+    ] == ["FedCoLLM − FedAvg"]
+    assert (tmp_path / "seeds" / "pooled_slm.csv").is_file()

@@ -177,6 +177,27 @@ def test_every_evaluation_leaves_per_question_records_that_give_its_accuracy(
         assert qset.acc == pytest.approx(evaluated[(rnd, role, client)], abs=1e-12)
         assert qset.acc_norm == pytest.approx(norm[(rnd, role, client)], abs=1e-12)
 
+    # results.md pairs each model's last round with its round 0 on these records: Δ is the change
+    # of the (client-mean) accuracy that the table above it shows.
+    results = (out / "results.md").read_text()
+    last = max(m["round"] for m in accs)
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in (results.split("After round")[1] if "After round" in results else "").splitlines()
+        if line.startswith(("| SLM |", "| LLM |"))
+    }
+    mean = {
+        (m["round"], m["role"], m["metric"]): m["value"] for m in read_metrics(out) if m["client"] is None
+    }
+    expected = {role for rnd, role, _ in evaluated if rnd == 0} if last > 0 else set()
+    assert set(rows) == {role.upper() for role in expected}
+    for role in expected:
+        cells = rows[role.upper()]
+        assert cells[1] == str(len(questions))
+        for key, at in (("acc", 2), ("acc_norm", 6)):
+            change = 100 * (mean[(last, role, key)] - mean[(0, role, key)])
+            assert float(cells[at]) == pytest.approx(change, abs=0.051)
+
 
 # ------------------------------------------------------------------------------ bad input
 

@@ -27,7 +27,9 @@ from fedcollm.experiment.paired import (
     compare,
     final_sets,
     mcnemar,
+    pool,
     side,
+    sign_flip_p,
 )
 from fedcollm.experiment.report import RunRef, write_report
 
@@ -471,3 +473,129 @@ def test_the_report_refuses_runs_scored_on_other_questions(tmp_path: Path) -> No
         PairingError, match=rf"FedAvg run {re.escape(str(tmp_path / 'fedavg'))} .* and the Standalone run"
     ):
         write_report([fedavg, standalone], tmp_path / "out")
+
+
+# -- seeds: the pooled test --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_sign_flip_test_is_mcnemars_exact_test_on_one_seed(seed: int) -> None:
+    """On one model per side and one seed, d is in {-1, 0, 1} and flipping signs is McNemar's
+    coin: exact (enumerated) at 12 questions, within Monte-Carlo error at 300."""
+    rng = np.random.default_rng(seed)
+    for n, tolerance in ((12, 1e-12), (300, 0.02)):
+        a, b = rng.random(n) < 0.6, rng.random(n) < 0.45
+        want = mcnemar(a, b).p
+        assert sign_flip_p(a.astype(float) - b.astype(float)) == pytest.approx(want, abs=tolerance)
+
+
+def test_no_differences_give_p_one() -> None:
+    assert sign_flip_p(np.zeros(50)) == 1.0
+
+
+def test_pooling_one_seed_is_the_paired_comparison() -> None:
+    rng = np.random.default_rng(5)
+    a, b = _side("A", rng.random(200) < 0.6), _side("B", rng.random(200) < 0.5)
+    pooled, paired = pool([(a, b)]), compare(a, b)
+    assert (pooled.n, pooled.seeds) == (200, 1)
+    assert (pooled.delta, pooled.ci_low, pooled.ci_high) == (paired.delta, paired.ci_low, paired.ci_high)
+    assert np.isnan(pooled.delta_sd)
+
+
+def test_a_seed_repeated_is_not_counted_as_new_evidence() -> None:
+    """The question is the unit: pooling the same answers twice leaves Δ, interval and p as one
+    seed gives them (counting seed × question pairs as independent would shrink p)."""
+    rng = np.random.default_rng(6)
+    a, b = _side("A", rng.random(150) < 0.6), _side("B", rng.random(150) < 0.5)
+    once, twice = pool([(a, b)]), pool([(a, b), (a, b)])
+    assert (twice.delta, twice.ci_low, twice.ci_high, twice.p) == (
+        once.delta,
+        once.ci_low,
+        once.ci_high,
+        once.p,
+    )
+    assert twice.delta_sd == 0.0
+
+
+def test_pooling_averages_each_question_over_seeds() -> None:
+    rng = np.random.default_rng(7)
+    n = 120
+    per_seed = [(rng.random(n) < 0.65, rng.random(n) < 0.5) for _ in range(3)]
+    sides = [(_side(f"A{s}", a), _side(f"B{s}", b)) for s, (a, b) in enumerate(per_seed)]
+    result = pool(sides)
+    d = np.mean([a.astype(float) - b.astype(float) for a, b in per_seed], axis=0)
+    deltas = [100 * (a.mean() - b.mean()) for a, b in per_seed]
+    low, high = _scipy_interval(d)
+    assert result.delta == pytest.approx(np.mean(deltas), abs=1e-9)
+    assert result.delta_sd == pytest.approx(np.std(deltas, ddof=1), abs=1e-9)
+    assert (result.ci_low, result.ci_high) == pytest.approx((100 * low, 100 * high), abs=1e-9)
+    flips = stats.permutation_test(
+        (d,), np.mean, permutation_type="samples", n_resamples=N_RESAMPLES, rng=np.random.default_rng(SEED)
+    )
+    assert result.p == pytest.approx(flips.pvalue, abs=1e-12)
+
+
+def test_seeds_on_other_questions_are_not_pooled() -> None:
+    a0, b0 = _side("A seed 0", [True] * 10), _side("B seed 0", [False] * 10)
+    a1 = side("A seed 1", [_qset([True] * 10, ids=[f"x{i}" for i in range(10)])])
+    b1 = side("B seed 1", [_qset([False] * 10, ids=[f"x{i}" for i in range(10)])])
+    with pytest.raises(PairingError, match="A seed 1 was evaluated on other questions than A seed 0"):
+        pool([(a0, b0), (a1, b1)])
+
+
+def _write_seeded_run(folder: Path, method: str, seed: int, answers: np.ndarray) -> RunRef:
+    """A trained run (rounds 0 and 2) of one SLM whose round-2 answers are `answers`."""
+    folder.mkdir(parents=True)
+    n = len(answers)
+    sets = [_qset(np.zeros(n, bool), rnd=0), _qset(answers, rnd=2)]
+    metrics = [
+        _metric(rnd, "slm", key, value)
+        for rnd, acc in ((0, 0.0), (2, float(answers.mean())))
+        for key, value in (("acc", acc), ("acc_stderr", 0.05), ("acc_norm", acc), ("acc_norm_stderr", 0.05))
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    write_question_sets(folder, sets)
+    return RunRef("arc_easy", method, folder, seed)
+
+
+def test_the_report_gives_mean_and_sd_over_seeds_and_the_pooled_test(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    n, seeds = 80, (0, 1, 2)
+    answers = {
+        (m, s): rng.random(n) < (0.7 if m == "fedcollm" else 0.5)
+        for m in ("fedcollm", "fedavg")
+        for s in seeds
+    }
+    runs = [_write_seeded_run(tmp_path / f"{m}-{s}", m, s, a) for (m, s), a in answers.items()]
+    out = tmp_path / "out"
+    text = write_report(runs, out)
+
+    table2 = text.split("## Table 2")[1].split("\n## ")[0]
+    for method, label in (("fedcollm", "FedCoLLM"), ("fedavg", "FedAvg")):
+        accs = [float(answers[(method, s)].mean()) for s in seeds]
+        (line,) = [line for line in table2.splitlines() if line.startswith(f"| arc_easy | {label} |")]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[2] == "3"  # seeds
+        assert cells[3] == f"{100 * np.mean(accs):.1f} ± {100 * np.std(accs, ddof=1):.1f}"
+
+    # Per-seed rows carry their seed; the pooled row is pool() over the three seeds.
+    section = text.split("## Paired comparisons: client SLMs")[1].split("\n## ")[0]
+    assert [line.split("|")[2].strip() for line in section.splitlines() if "FedCoLLM − FedAvg" in line][
+        :3
+    ] == [
+        "0",
+        "1",
+        "2",
+    ]
+    want = pool([(_side("a", answers[("fedcollm", s)]), _side("b", answers[("fedavg", s)])) for s in seeds])
+    pooled = section.split("Pooled over seeds")[1]
+    (line,) = [line for line in pooled.splitlines() if line.startswith("| arc_easy | FedCoLLM − FedAvg |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2:4] == ["3", str(n)]
+    assert cells[4] == f"{want.delta:+.1f} ± {want.delta_sd:.1f}"
+    assert cells[5] == f"[{want.ci_low:+.1f}, {want.ci_high:+.1f}]"
+    assert cells[6] == _p_text(want.p)
+    with (out / "pooled_slm.csv").open() as fh:
+        (row,) = [r for r in csv.DictReader(fh) if r["comparison"] == "FedCoLLM − FedAvg"]
+    assert row["seeds"] == "0 1 2" and float(row["acc_sign_flip_p"]) == pytest.approx(want.p, rel=1e-12)
+    assert float(row["acc_delta_sd"]) == pytest.approx(want.delta_sd, abs=1e-9)

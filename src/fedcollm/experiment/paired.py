@@ -36,6 +36,18 @@ correction). Pooling the K·n client × question pairs into one test would count
 times as though the clients' answers to it were independent — they share the question and the
 base model — and give too small a p; the mean of K p-values is not a p-value of any test. The
 question of the mean over clients is the interval's.
+
+**Pooled over seeds** (`compare --seeds`): every seed's runs answer the same questions, so the
+question stays the unit. Per question, d_i is the mean over the S seeds of that seed's
+difference (each a fraction of a side's models right, as above); Δ is its mean (the mean over
+seeds of the per-seed Δ), the interval the same paired bootstrap over questions (all S seeds'
+answers to a question resampled together), and the p-value a sign-flip permutation test of mean
+d (`scipy.stats.permutation_test`, `permutation_type="samples"` on the one vector d:
+under the null that A and B are exchangeable on each question, swapping them flips the sign of
+d_i; `N_RESAMPLES` random flips, generator seeded by `SEED`, so p ≥ 1/(N_RESAMPLES + 1)). For one
+seed and one model per side this is McNemar's exact test up to Monte-Carlo error (the tests hold
+it). Counting the S·n seed × question pairs as independent would treat a question's answers
+under different seeds as separate evidence — they share the question — and give too small a p.
 """
 
 from __future__ import annotations
@@ -220,3 +232,96 @@ def final_sets(sets: Sequence[QuestionSet], role: str, rnd: int, set_name: str =
     found = [s for s in sets if s.role == role and s.round == rnd and s.set == set_name]
     per_client = [s for s in found if s.client is not None]
     return per_client or found
+
+
+@dataclass(frozen=True)
+class PooledResult:
+    """A − B pooled over seeds on the same questions (module docstring, "Pooled over seeds")."""
+
+    n: int
+    """Questions compared (the same in every seed)."""
+    seeds: int
+    """Seeds pooled."""
+    delta: float
+    """Mean over seeds of acc(A) − acc(B), in points."""
+    delta_sd: float
+    """Standard deviation over seeds of the per-seed difference, in points (ddof 1)."""
+    ci_low: float
+    ci_high: float
+    """95 % paired bootstrap interval of `delta` over questions, in points."""
+    p: float
+    """Two-sided sign-flip permutation p-value of the mean per-question difference."""
+
+
+def sign_flip_p(differences: np.ndarray) -> float:
+    """Two-sided sign-flip permutation p-value of the mean of per-question differences.
+
+    `scipy.stats.permutation_test` on the one sample with `permutation_type="samples"` flips the
+    sign of each difference at random (`N_RESAMPLES` times, `np.random.default_rng(SEED)`; exact
+    when 2ⁿ ≤ N_RESAMPLES); all-zero differences give p = 1.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"a non-empty vector of differences expected, got shape {d.shape}")
+    if not np.any(d):
+        return 1.0
+    result = stats.permutation_test(
+        (d,),
+        np.mean,
+        permutation_type="samples",
+        n_resamples=N_RESAMPLES,
+        batch=_BATCH,
+        alternative="two-sided",
+        rng=np.random.default_rng(SEED),
+    )
+    return float(min(1.0, result.pvalue))
+
+
+def pool(pairs: Sequence[tuple[Side, Side]]) -> PooledResult:
+    """A against B pooled over seeds: one (A, B) pair of sides per seed, all on the same questions."""
+    if not pairs:
+        raise PairingError("no seeds to pool")
+    ids = pairs[0][0].ids
+    for a, b in pairs:
+        for one in (a, b):
+            if one.ids != ids:
+                raise PairingError(
+                    f"{one.label} was evaluated on other questions than {pairs[0][0].label} "
+                    f"({len(one.ids)} and {len(ids)}): seeds can be pooled only on the same questions"
+                )
+    per_seed = np.stack([a.fraction - b.fraction for a, b in pairs])
+    d = per_seed.mean(axis=0)
+    low, high = bootstrap_interval(d)
+    deltas = 100 * per_seed.mean(axis=1)
+    return PooledResult(
+        n=len(ids),
+        seeds=len(pairs),
+        delta=100 * float(d.mean()),
+        delta_sd=float(np.std(deltas, ddof=1)) if len(pairs) > 1 else float("nan"),
+        ci_low=100 * low,
+        ci_high=100 * high,
+        p=sign_flip_p(d),
+    )
+
+
+def format_points(value: float) -> str:
+    """A difference in points, signed, one decimal."""
+    return f"{round(value, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0" for a value that rounds to zero
+
+
+def format_p(p: float) -> str:
+    """A p-value: three decimals, or two significant digits below 0.001."""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def before_after(
+    sets: Sequence[QuestionSet], role: str, last: int
+) -> tuple[PairedResult, PairedResult] | None:
+    """`role` after round `last` against its round 0 on the same questions, (acc, acc_norm); None
+    when either round has no records (a role not evaluated, or a run without records)."""
+    before, after = final_sets(sets, role, 0), final_sets(sets, role, last)
+    if not before or not after or last == 0:
+        return None
+    name_a, name_b = f"{role.upper()} after round {last}", f"{role.upper()} before training"
+    acc, acc_norm = (compare(side(name_a, after, norm), side(name_b, before, norm)) for norm in (False, True))
+    return acc, acc_norm

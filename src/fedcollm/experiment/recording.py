@@ -26,7 +26,8 @@ import numpy as np
 
 from fedcollm.config import ExperimentConfig
 from fedcollm.errors import FedcollmError
-from fedcollm.evaluation.records import QUESTIONS_DIR, QuestionSet, write_question_sets
+from fedcollm.evaluation.records import QUESTIONS_DIR, QuestionSet, read_question_sets, write_question_sets
+from fedcollm.experiment.paired import before_after, format_p, format_points
 from fedcollm.experiment.tracking import TENSORBOARD_DIR, tracker_for, tracking_reporter
 from fedcollm.lm.lora import count_base_parameters, save_adapter
 from fedcollm.lm.precision import dtype_text
@@ -178,7 +179,7 @@ class RunRecorder:
         summary["slm"] = server.slm.name
         summary |= algorithm.communication_extra(server)
         _atomic_write(self.out / "communication.json", json.dumps(summary, indent=2))
-        results = results_markdown(self.config, self.metrics, summary)
+        results = results_markdown(self.config, self.metrics, summary, read_question_sets(self.out))
         extra = algorithm.results_extra(self.metrics, summary)
         _atomic_write(self.out / "results.md", results + "\n".join(extra) + ("\n" if extra else ""))
         if self.tracker is not None:
@@ -198,8 +199,14 @@ def _accuracy(metrics: Sequence[Metric], role: str, rnd: int, key: str) -> float
     return None
 
 
-def results_markdown(config: ExperimentConfig, metrics: Sequence[Metric], comm: dict[str, Any]) -> str:
-    """Accuracy before training and after the last round, per model, as a markdown table."""
+def results_markdown(
+    config: ExperimentConfig,
+    metrics: Sequence[Metric],
+    comm: dict[str, Any],
+    question_sets: Sequence[QuestionSet] = (),
+) -> str:
+    """Accuracy before training and after the last round, per model, as a markdown table, and
+    from the per-question records each model's after − before on the same questions."""
     evaluated = sorted({m.round for m in metrics if m.metric == "acc"})
     last = evaluated[-1] if evaluated else 0
     lines = [
@@ -227,6 +234,7 @@ def results_markdown(config: ExperimentConfig, metrics: Sequence[Metric], comm: 
         lines.append(
             f"| {role.upper()} | {names[role]} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |"
         )
+    lines += _before_after_lines(question_sets, last)
     table3 = comm["table3"]
     lines += [
         "",
@@ -236,6 +244,40 @@ def results_markdown(config: ExperimentConfig, metrics: Sequence[Metric], comm: 
         "",
     ]
     return "\n".join(lines)
+
+
+def _before_after_lines(question_sets: Sequence[QuestionSet], last: int) -> list[str]:
+    """The paired after − before table (`fedcollm.experiment.paired.before_after`), or nothing
+    when no role has records of both rounds."""
+    rows = []
+    for role in ("slm", "llm"):
+        found = before_after(question_sets, role, last)
+        if found is None:
+            continue
+        cells = [role.upper(), str(found[0].n)]
+        for result in found:
+            several = len(result.tests) > 1
+            cells += [
+                format_points(result.delta),
+                f"[{format_points(result.ci_low)}, {format_points(result.ci_high)}]",
+                format_p(result.p) + (f" (largest of {len(result.tests)})" if several else ""),
+                f"{result.b}/{result.c}",
+            ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        f"After round {last} − before training, on the same questions: Δ in points, 95 % paired "
+        "bootstrap interval, exact McNemar p (b = questions right only after, c = right only before; "
+        "with one SLM per client, p is the largest of the per-client tests and b/c their sums; "
+        "docs/statistics.md).",
+        "",
+        "| model | n | Δ acc | acc 95 % CI | acc McNemar p | acc b/c "
+        "| Δ acc_norm | acc_norm 95 % CI | acc_norm McNemar p | acc_norm b/c |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _n(metrics: Sequence[Metric]) -> int:

@@ -4,7 +4,9 @@ Reads only run folders (metrics.jsonl, communication.json, questions/), so a rep
 rebuilt from finished runs at any time. After Tables 1 and 2, the comparisons the paper's claims
 rest on (`LLM_PAIRS`, `SLM_PAIRS`) question by question: difference, paired bootstrap interval
 and exact McNemar test (`fedcollm.experiment.paired`; paired_llm.csv, paired_slm.csv,
-paired_<task>_<role>.png).
+paired_<task>_<role>.png). With several seeds (`compare --seeds`), Tables 1 and 2 give the mean
+± standard deviation over seeds, and the paired sections add each pair pooled over the seeds
+(pooled_llm.csv, pooled_slm.csv) below the per-seed rows.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedcollm.evaluation.records import QuestionSet, read_question_sets
 from fedcollm.experiment.paired import (
     BOOTSTRAP_METHOD,
     N_RESAMPLES,
     SEED,
     PairedResult,
+    PooledResult,
+    Side,
     compare,
     final_sets,
+    format_p,
+    format_points,
+    pool,
     side,
 )
 
@@ -77,26 +86,40 @@ def _cell(value: tuple[float, float] | None) -> str:
     return "–" if value is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
 
 
+def _seeds_cell(values: Sequence[float]) -> str:
+    """Mean ± standard deviation (ddof 1) over seeds, in points."""
+    return f"{100 * float(np.mean(values)):.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
+
+
+def several_seeds(runs: Sequence[RunRef]) -> bool:
+    return len({r.seed for r in runs}) > 1
+
+
 def accuracy_rows(runs: Sequence[RunRef], role: str, methods: Sequence[str]) -> list[dict[str, str]]:
-    """One row per (task, method) with final acc and acc_norm of `role`."""
+    """One row per (task, method) with final acc and acc_norm of `role`: ± the standard error of
+    the one run, or, where the method ran with several seeds, mean ± standard deviation over them
+    (and a `seeds` column)."""
     rows = []
-    by_key = {(r.task, r.method): r for r in runs}
+    with_seeds = several_seeds(runs)
     for task in dict.fromkeys(r.task for r in runs):
         for method in methods:
-            run = by_key.get((task, method))
-            if run is None:
+            finals = []
+            for run in (r for r in runs if r.task == task and r.method == method):
+                metrics = read_metrics(run.folder)
+                if accuracy_by_round(metrics, role):
+                    finals.append((final(metrics, role, "acc"), final(metrics, role, "acc_norm")))
+            if not finals:
                 continue
-            metrics = read_metrics(run.folder)
-            if not accuracy_by_round(metrics, role):
-                continue
-            rows.append(
-                {
-                    "task": task,
-                    "method": METHOD_LABELS.get(method, method),
-                    "acc": _cell(final(metrics, role, "acc")),
-                    "acc_norm": _cell(final(metrics, role, "acc_norm")),
-                }
-            )
+            row = {"task": task, "method": METHOD_LABELS.get(method, method)}
+            if with_seeds:
+                row["seeds"] = str(len(finals))
+            for i, key in enumerate(("acc", "acc_norm")):
+                values = [f[i] for f in finals]
+                if len(values) == 1 or any(v is None for v in values):
+                    row[key] = _cell(values[0])
+                else:
+                    row[key] = _seeds_cell([v[0] for v in values if v is not None])
+            rows.append(row)
     return rows
 
 
@@ -143,7 +166,8 @@ def write_csv(rows: Sequence[dict[str, str]], path: Path) -> None:
 
 
 def plot_accuracy(runs: Sequence[RunRef], out: Path) -> list[Path]:
-    """One PNG per (task, role): accuracy after each round, one line per method."""
+    """One PNG per (task, role): accuracy after each round, one line per method (with several
+    seeds: the mean over seeds, error bars one standard deviation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,20 +178,28 @@ def plot_accuracy(runs: Sequence[RunRef], out: Path) -> list[Path]:
         for role in ("slm", "llm"):
             fig, ax = plt.subplots(figsize=(5, 3.5))
             drawn = 0
-            for run in (r for r in runs if r.task == task):
-                curve = accuracy_by_round(read_metrics(run.folder), role)
-                if not curve:
+            for method in dict.fromkeys(r.method for r in runs if r.task == task):
+                curves = [
+                    curve
+                    for run in runs
+                    if run.task == task and run.method == method
+                    if (curve := accuracy_by_round(read_metrics(run.folder), role))
+                ]
+                if not curves:
                     continue
-                xs = sorted(curve)
-                ax.plot(
-                    xs,
-                    [100 * curve[x] for x in xs],
-                    marker="o",
-                    label=METHOD_LABELS.get(run.method, run.method),
-                )
+                xs = sorted(set.intersection(*(set(c) for c in curves)))
+                values = np.array([[100 * c[x] for x in xs] for c in curves])
+                label = METHOD_LABELS.get(method, method)
+                if len(curves) > 1:
+                    sd = values.std(axis=0, ddof=1)
+                    ax.errorbar(xs, values.mean(axis=0), yerr=sd, marker="o", capsize=3, label=label)
+                else:
+                    ax.plot(xs, values[0], marker="o", label=label)
                 drawn += 1
             if drawn:
-                ax.set_title(f"{task} · {role.upper()}")
+                ax.set_title(
+                    f"{task} · {role.upper()}" + (" (mean ± sd over seeds)" if several_seeds(runs) else "")
+                )
                 ax.set_xlabel("round")
                 ax.set_ylabel("accuracy (%)")
                 ax.grid(alpha=0.3)
@@ -235,39 +267,58 @@ def _final_records(
     return last, sets
 
 
+def _pair_sets(
+    by_method: dict[str, RunRef],
+    method_a: str,
+    method_b: str,
+    role: str,
+    cache: dict[Path, list[QuestionSet]],
+) -> tuple[tuple[RunRef, int, list[QuestionSet]], tuple[RunRef, int, list[QuestionSet]]] | str:
+    """Both sides' runs, last rounds and records of one pair within one task and seed, or why the
+    pair cannot be made."""
+    missing = [_label(m) for m in (method_a, method_b) if m not in by_method]
+    if missing:
+        return f"skipped, no {' and no '.join(missing)} run"
+    run_a, run_b = by_method[method_a], by_method[method_b]
+    final_a, final_b = _final_records(run_a, role, cache), _final_records(run_b, role, cache)
+    if isinstance(final_a, str) or isinstance(final_b, str):
+        return "skipped, " + "; ".join(f for f in (final_a, final_b) if isinstance(f, str))
+    return (run_a, *final_a), (run_b, *final_b)
+
+
+def _sides(
+    pair: tuple[tuple[RunRef, int, list[QuestionSet]], tuple[RunRef, int, list[QuestionSet]]], norm: bool
+) -> tuple[Side, Side]:
+    (run_a, round_a, sets_a), (run_b, round_b, sets_b) = pair
+    return (
+        side(f"the {_label(run_a.method)} run {run_a.folder} (round {round_a})", sets_a, norm),
+        side(f"the {_label(run_b.method)} run {run_b.folder} (round {round_b})", sets_b, norm),
+    )
+
+
 def paired_comparisons(
     runs: Sequence[RunRef], role: str, pairs: Sequence[tuple[str, str]]
 ) -> tuple[list[PairedRow], list[str]]:
     """Each pair (A, B) of `pairs` on each task and seed of `runs`: A − B on `role` question by
     question (`fedcollm.experiment.paired`), and a note for each pair that cannot be made (a run
     missing, a role not evaluated, no per-question records). Runs of different seeds are not
-    paired with each other."""
+    paired with each other (`pooled_comparisons` pools them)."""
     rows: list[PairedRow] = []
     notes: list[str] = []
     cache: dict[Path, list[QuestionSet]] = {}
-    several_seeds = len({r.seed for r in runs}) > 1
+    with_seeds = several_seeds(runs)
     for task in dict.fromkeys(r.task for r in runs):
         for seed in dict.fromkeys(r.seed for r in runs if r.task == task):
             by_method = {r.method: r for r in runs if r.task == task and r.seed == seed}
             for method_a, method_b in pairs:
-                what = f"{task}" + (f" (seed {seed})" if several_seeds else "")
+                what = f"{task}" + (f" (seed {seed})" if with_seeds else "")
                 what += f" · {_label(method_a)} − {_label(method_b)}"
-                missing = [_label(m) for m in (method_a, method_b) if m not in by_method]
-                if missing:
-                    notes.append(f"{what}: skipped, no {' and no '.join(missing)} run")
+                found = _pair_sets(by_method, method_a, method_b, role, cache)
+                if isinstance(found, str):
+                    notes.append(f"{what}: {found}")
                     continue
-                run_a, run_b = by_method[method_a], by_method[method_b]
-                final_a, final_b = _final_records(run_a, role, cache), _final_records(run_b, role, cache)
-                if isinstance(final_a, str) or isinstance(final_b, str):
-                    why = "; ".join(f for f in (final_a, final_b) if isinstance(f, str))
-                    notes.append(f"{what}: skipped, {why}")
-                    continue
-                (round_a, sets_a), (round_b, sets_b) = final_a, final_b
-                name_a = f"the {_label(method_a)} run {run_a.folder} (round {round_a})"
-                name_b = f"the {_label(method_b)} run {run_b.folder} (round {round_b})"
-                acc, acc_norm = (
-                    compare(side(name_a, sets_a, norm), side(name_b, sets_b, norm)) for norm in (False, True)
-                )
+                (run_a, round_a, sets_a), (run_b, round_b, sets_b) = found
+                acc, acc_norm = (compare(*_sides(found, norm)) for norm in (False, True))
                 rows.append(
                     PairedRow(
                         task, seed, run_a, run_b, round_a, round_b, len(sets_a), len(sets_b), acc, acc_norm
@@ -276,12 +327,46 @@ def paired_comparisons(
     return rows, notes
 
 
-def _points(value: float) -> str:
-    return f"{round(value, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0" for a value that rounds to zero
+@dataclass(frozen=True)
+class PooledRow:
+    """One paired comparison A − B of a role on one task, pooled over the seeds both ran with."""
+
+    task: str
+    method_a: str
+    method_b: str
+    seeds: tuple[int, ...]
+    acc: PooledResult
+    acc_norm: PooledResult
+
+    @property
+    def comparison(self) -> str:
+        return f"{_label(self.method_a)} − {_label(self.method_b)}"
 
 
-def _p_value(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+def pooled_comparisons(
+    runs: Sequence[RunRef], role: str, pairs: Sequence[tuple[str, str]]
+) -> list[PooledRow]:
+    """Each pair (A, B) on each task with runs of several seeds, pooled over the seeds at which
+    both sides have records (`fedcollm.experiment.paired.pool`); [] with a single seed (the
+    per-seed rows are then the whole story, and a pair missing somewhere is noted there)."""
+    if not several_seeds(runs):
+        return []
+    rows: list[PooledRow] = []
+    cache: dict[Path, list[QuestionSet]] = {}
+    for task in dict.fromkeys(r.task for r in runs):
+        seeds = list(dict.fromkeys(r.seed for r in runs if r.task == task))
+        for method_a, method_b in pairs:
+            found = {}
+            for seed in seeds:
+                by_method = {r.method: r for r in runs if r.task == task and r.seed == seed}
+                pair = _pair_sets(by_method, method_a, method_b, role, cache)
+                if not isinstance(pair, str):
+                    found[seed] = pair
+            if len(found) < 2:
+                continue
+            acc, acc_norm = (pool([_sides(pair, norm) for pair in found.values()]) for norm in (False, True))
+            rows.append(PooledRow(task, method_a, method_b, tuple(found), acc, acc_norm))
+    return rows
 
 
 def paired_markdown_rows(rows: Sequence[PairedRow], with_seed: bool = False) -> list[dict[str, str]]:
@@ -294,15 +379,24 @@ def paired_markdown_rows(rows: Sequence[PairedRow], with_seed: bool = False) -> 
         cells = {"task": row.task, **({"seed": str(row.seed)} if with_seed else {})}
         cells |= {"comparison": row.comparison, "n": str(row.acc.n)}
         for key, result in (("acc", row.acc), ("acc_norm", row.acc_norm)):
-            cells[f"Δ {key}"] = _points(result.delta)
-            cells[f"{key} 95 % CI"] = f"[{_points(result.ci_low)}, {_points(result.ci_high)}]"
-            p, bc = _p_value(result.p), f"{result.b}/{result.c}"
+            cells[f"Δ {key}"] = format_points(result.delta)
+            cells[f"{key} 95 % CI"] = f"[{format_points(result.ci_low)}, {format_points(result.ci_high)}]"
+            p, bc = format_p(result.p), f"{result.b}/{result.c}"
             if models > 1:
                 p, bc = f"{p} (largest of {len(result.tests)})", f"{bc} ({models} clients)"
             cells[f"{key} McNemar p"] = p
             cells[f"{key} b/c"] = bc
         table.append(cells)
     return table
+
+
+def _interval_cells(key: str, result: PairedResult | PooledResult) -> dict[str, str]:
+    """Δ and its interval in points, every digit kept, as CSV cells named after `key`."""
+    return {
+        f"{key}_delta": repr(result.delta),
+        f"{key}_ci_low": repr(result.ci_low),
+        f"{key}_ci_high": repr(result.ci_high),
+    }
 
 
 def paired_csv_rows(rows: Sequence[PairedRow]) -> list[dict[str, str]]:
@@ -323,10 +417,7 @@ def paired_csv_rows(rows: Sequence[PairedRow]) -> list[dict[str, str]]:
             "n": str(row.acc.n),
         }
         for key, result in (("acc", row.acc), ("acc_norm", row.acc_norm)):
-            cells |= {
-                f"{key}_delta": repr(result.delta),
-                f"{key}_ci_low": repr(result.ci_low),
-                f"{key}_ci_high": repr(result.ci_high),
+            cells |= _interval_cells(key, result) | {
                 f"{key}_mcnemar_p": repr(result.p),
                 f"{key}_b": str(result.b),
                 f"{key}_c": str(result.c),
@@ -341,22 +432,68 @@ def paired_csv_rows(rows: Sequence[PairedRow]) -> list[dict[str, str]]:
     return table
 
 
-def plot_paired(rows: Sequence[PairedRow], role: str, out: Path) -> list[Path]:
+def pooled_markdown_rows(rows: Sequence[PooledRow]) -> list[dict[str, str]]:
+    """The pooled comparisons as table rows: Δ as mean ± sd over seeds, its 95 % interval and the
+    sign-flip p, for acc and acc_norm."""
+    table = []
+    for row in rows:
+        cells = {
+            "task": row.task,
+            "comparison": row.comparison,
+            "seeds": str(len(row.seeds)),
+            "n": str(row.acc.n),
+        }
+        for key, result in (("acc", row.acc), ("acc_norm", row.acc_norm)):
+            cells[f"Δ {key} (mean ± sd)"] = f"{format_points(result.delta)} ± {result.delta_sd:.1f}"
+            cells[f"{key} 95 % CI"] = f"[{format_points(result.ci_low)}, {format_points(result.ci_high)}]"
+            cells[f"{key} p"] = format_p(result.p)
+        table.append(cells)
+    return table
+
+
+def pooled_csv_rows(rows: Sequence[PooledRow]) -> list[dict[str, str]]:
+    """The pooled comparisons with every digit."""
+    table = []
+    for row in rows:
+        cells = {
+            "task": row.task,
+            "comparison": row.comparison,
+            "method_a": row.method_a,
+            "method_b": row.method_b,
+            "seeds": " ".join(str(seed) for seed in row.seeds),
+            "n": str(row.acc.n),
+        }
+        for key, result in (("acc", row.acc), ("acc_norm", row.acc_norm)):
+            cells |= _interval_cells(key, result) | {
+                f"{key}_delta_sd": repr(result.delta_sd),
+                f"{key}_sign_flip_p": repr(result.p),
+            }
+        table.append(cells)
+    return table
+
+
+def plot_paired(
+    rows: Sequence[PairedRow], role: str, out: Path, pooled: Sequence[PooledRow] = ()
+) -> list[Path]:
     """One PNG per task (`paired_<task>_<role>.png`): each comparison's Δ acc and Δ acc_norm in
-    points with its 95 % paired bootstrap interval as error bars."""
+    points with its 95 % paired bootstrap interval as error bars (per seed, then pooled)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with_seeds = len({r.seed for r in rows}) > 1 or bool(pooled)
+    entries: list[tuple[str, str, PairedResult | PooledResult, PairedResult | PooledResult]] = [
+        (r.task, r.comparison + (f" (seed {r.seed})" if with_seeds else ""), r.acc, r.acc_norm) for r in rows
+    ]
+    entries += [(r.task, f"{r.comparison} (pooled)", r.acc, r.acc_norm) for r in pooled]
     written = []
-    several_seeds = len({r.seed for r in rows}) > 1
-    for task in dict.fromkeys(r.task for r in rows):
-        these = [r for r in rows if r.task == task]
+    for task in dict.fromkeys(e[0] for e in entries):
+        these = [e for e in entries if e[0] == task]
         fig, ax = plt.subplots(figsize=(6.5, 1.4 + 0.55 * len(these)))
         ys = list(range(len(these)))[::-1]
-        for offset, key, marker in ((0.12, "acc", "o"), (-0.12, "acc_norm", "s")):
-            results = [getattr(r, key) for r in these]
+        for offset, norm, key, marker in ((0.12, False, "acc", "o"), (-0.12, True, "acc_norm", "s")):
+            results = [e[3] if norm else e[2] for e in these]
             deltas = [res.delta for res in results]
             errors = [
                 [res.delta - res.ci_low for res in results],
@@ -365,7 +502,7 @@ def plot_paired(rows: Sequence[PairedRow], role: str, out: Path) -> list[Path]:
             ax.errorbar(deltas, [y + offset for y in ys], xerr=errors, fmt=marker, capsize=3, label=key)
         ax.axvline(0, color="grey", linewidth=0.8)
         ax.set_yticks(ys)
-        ax.set_yticklabels([r.comparison + (f" (seed {r.seed})" if several_seeds else "") for r in these])
+        ax.set_yticklabels([e[1] for e in these])
         ax.set_title(f"{task} · {role.upper()}: A − B, 95 % paired bootstrap CI", fontsize=10)
         ax.set_xlabel("difference in accuracy (points)")
         ax.grid(alpha=0.3, axis="x")
@@ -378,9 +515,12 @@ def plot_paired(rows: Sequence[PairedRow], role: str, out: Path) -> list[Path]:
     return written
 
 
-def paired_section(role: str, rows: Sequence[PairedRow], notes: Sequence[str]) -> str:
-    """The markdown of one role's paired comparisons: an explanation, the table, the notes."""
-    several_seeds = len({r.seed for r in rows}) > 1
+def paired_section(
+    role: str, rows: Sequence[PairedRow], notes: Sequence[str], pooled: Sequence[PooledRow] = ()
+) -> str:
+    """The markdown of one role's paired comparisons: an explanation, the table, the notes, and
+    with several seeds the comparisons pooled over them."""
+    with_seeds = len({r.seed for r in rows}) > 1
     lines = [
         f"## Paired comparisons: {_ROLE_TITLES.get(role, role)}",
         "",
@@ -391,10 +531,19 @@ def paired_section(role: str, rows: Sequence[PairedRow], notes: Sequence[str]) -
         "clients' mean, p the largest of the per-client tests, b/c summed over the clients "
         "(docs/statistics.md).",
         "",
-        markdown_table(paired_markdown_rows(rows, several_seeds)) if rows else "_no paired comparisons_\n",
+        markdown_table(paired_markdown_rows(rows, with_seeds)) if rows else "_no paired comparisons_\n",
     ]
     if notes:
         lines += [*[f"- {note}" for note in notes], ""]
+    if pooled:
+        lines += [
+            f"Pooled over seeds: per question the mean over seeds of A − B; Δ its mean (± the "
+            f"standard deviation of the per-seed Δ), the 95 % paired bootstrap interval over "
+            f"questions, and a two-sided sign-flip permutation p ({N_RESAMPLES} resamples, seed "
+            f"{SEED}; docs/statistics.md).",
+            "",
+            markdown_table(pooled_markdown_rows(pooled)),
+        ]
     return "\n".join(lines)
 
 
@@ -411,24 +560,45 @@ def write_report(runs: Sequence[RunRef], out: Path) -> str:
         role: paired_comparisons(runs, role, pairs)
         for role, pairs in (("llm", LLM_PAIRS), ("slm", SLM_PAIRS))
     }
+    pooled = {
+        role: pooled_comparisons(runs, role, pairs)
+        for role, pairs in (("llm", LLM_PAIRS), ("slm", SLM_PAIRS))
+    }
     for role, (compared, _) in paired.items():
         write_csv(paired_csv_rows(compared), out / f"paired_{role}.csv")
+        if pooled[role]:
+            write_csv(pooled_csv_rows(pooled[role]), out / f"pooled_{role}.csv")
     plots = plot_accuracy(runs, out)
-    plots += [path for role, (compared, _) in paired.items() for path in plot_paired(compared, role, out)]
+    plots += [
+        path
+        for role, (compared, _) in paired.items()
+        for path in plot_paired(compared, role, out, pooled[role])
+    ]
+    seeds_line = (
+        [
+            f"Several seeds ({', '.join(str(seed) for seed in dict.fromkeys(r.seed for r in runs))}): "
+            "in Tables 1 and 2 a row run with several seeds gives the mean ± standard deviation over "
+            "them (a row of one seed: ± its standard error).",
+            "",
+        ]
+        if several_seeds(runs)
+        else []
+    )
     text = "\n".join(
         [
             "# Comparison",
             "",
             "Accuracy in % (± standard error) after the last round, zero-shot multiple choice.",
             "",
+            *seeds_line,
             "## Table 1: server LLM",
             "",
             markdown_table(table1),
-            paired_section("llm", *paired["llm"]),
+            paired_section("llm", *paired["llm"], pooled["llm"]),
             "## Table 2: client SLMs (mean over clients)",
             "",
             markdown_table(table2),
-            paired_section("slm", *paired["slm"]),
+            paired_section("slm", *paired["slm"], pooled["slm"]),
             "## Table 3: communication",
             "",
             markdown_table(table3),
