@@ -33,6 +33,7 @@ ARC_Q = MCQuestion(
     question="Which technology was developed most recently?",
     choices=("cellular telephone", "television", "refrigerator", "airplane"),
     gold=0,
+    fields={"source": "MCAS"},  # the exam ARC's id names
 )
 OBQA_Q = MCQuestion(
     id="8-376",

@@ -108,9 +108,26 @@ class TaskConfig(_Section):
     aux_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of the training questions held by the server (D_a)."
     )
-    partition: str = Field("iid", description='Client split: "iid" or "dirichlet".')
+    partition: str = Field(
+        "iid",
+        description='Client split: "iid", "dirichlet" (label skew) or "field" (whole domains: by '
+        "partition_field, the natural non-IID split).",
+    )
     dirichlet_alpha: float = Field(
         0.5, gt=0, description="Label skew of the Dirichlet split (smaller = more)."
+    )
+    partition_field: str = Field(
+        "source",
+        description='The record field partition = "field" splits by: "label" (the gold choice), '
+        '"source" (ARC: the exam a question comes from, from its id) or any column of a JSONL '
+        "question file (a topic, a subject). Every training question must have it.",
+    )
+    partition_groups: list[list[str]] = Field(
+        default_factory=list,
+        description='partition = "field": the values each client holds, one list per client '
+        '(e.g. [["Mercury"], ["NYSEDREGENTS"], ["MCAS"], ["TIMSS"]]); questions of other values '
+        "go to no client. Empty = every value to one client, largest first onto the client "
+        "holding the fewest questions.",
     )
 
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcollm.data.errors import DataError
+from fedcollm.data.jsonl import scalar_fields
 from fedcollm.data.tasks import TaskSpec
 from fedcollm.data.types import MCQuestion
 
 _QUESTION_FIELDS = ("question", "question_stem")
+_RECORD_KEYS = frozenset({*_QUESTION_FIELDS, "id", "choices", "answerKey"})
 
 
 def parse_hub_record(record: Mapping[str, Any], where: str = "hub record") -> MCQuestion:
@@ -41,6 +43,7 @@ def parse_hub_record(record: Mapping[str, Any], where: str = "hub record") -> MC
         question=question,
         choices=tuple(texts),
         gold=labels.index(answer),
+        fields=scalar_fields(record, _RECORD_KEYS),
     )
 
 

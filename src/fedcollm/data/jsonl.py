@@ -1,12 +1,16 @@
 """Reader for user-supplied question files (``.jsonl`` or ``.jsonl.gz``).
 
 One JSON object per line: ``question`` (str), ``choices`` (list of >= 2 str), ``gold`` (int
-index into choices) and optional ``id`` (str, default ``"<file stem>-<line>"``). Blank lines
-are skipped; other fields are ignored. Any bad line raises DataError naming file, line, field.
+index into choices) and optional ``id`` (str, default ``"<file stem>-<line>"``). Every other
+field whose value is a string, number or boolean is kept, as text, in ``MCQuestion.fields``
+(what ``task.partition = "field"`` splits clients by: a topic, a subject, a source); other
+values are ignored. Blank lines are skipped. Any bad line raises DataError naming file, line,
+field.
 """
 
 import gzip
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,7 +64,22 @@ def parse_jsonl_record(record: Any, default_id: str, where: str) -> MCQuestion:
     question_id = record.get("id", default_id)
     if not isinstance(question_id, str):
         raise DataError(f"{where}: field 'id' must be a string, got {question_id!r}")
-    return MCQuestion(id=question_id, question=question, choices=tuple(choices), gold=gold)
+    fields = scalar_fields(record, _QUESTION_KEYS)
+    return MCQuestion(id=question_id, question=question, choices=tuple(choices), gold=gold, fields=fields)
+
+
+_QUESTION_KEYS = frozenset({"question", "choices", "gold", "id"})
+
+
+def scalar_fields(record: Mapping[str, Any], skip: frozenset[str]) -> dict[str, str]:
+    """The record's scalar fields outside ``skip`` (the question itself), as text: ``"bio"``,
+    ``"3"``, ``"true"``; nested values and nulls are left out."""
+    extra: dict[str, str] = {}
+    for key, value in record.items():
+        if key in skip or value is None or isinstance(value, (dict, list)):
+            continue
+        extra[str(key)] = json.dumps(value) if isinstance(value, bool) else str(value)
+    return extra
 
 
 def read_jsonl_questions(path: Path, limit: int | None = None) -> list[MCQuestion]:

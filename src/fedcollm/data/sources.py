@@ -1,6 +1,6 @@
 """``load_questions``: one entry point for every place questions can come from."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -61,10 +61,18 @@ def load_questions(
         raise DataError(f"limit must be None or >= 0, got {limit}")
     if isinstance(source, str) and source in SOURCES:
         spec.check_split(split)
-        return SOURCES[source].load(spec, split, limit)
+        return with_id_fields(spec, SOURCES[source].load(spec, split, limit))
     if is_jsonl_path(source):
         return read_jsonl_questions(Path(source), limit)
     raise DataError(
         f"unknown source {str(source)!r}; use one of {', '.join(SOURCES)} "
         "or a path to a .jsonl / .jsonl.gz file"
     )
+
+
+def with_id_fields(task: TaskSpec, questions: list[MCQuestion]) -> list[MCQuestion]:
+    """The task's own questions with the fields their ids encode (ARC's exam source) added; a field
+    the record itself carries wins. Not for a user's file, whose ids follow no task's scheme."""
+    if task.id_fields is None:
+        return questions
+    return [replace(q, fields={**task.id_fields(q.id), **q.fields}) for q in questions]

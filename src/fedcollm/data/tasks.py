@@ -1,5 +1,7 @@
 """The task registry: which benchmarks exist, where their data lives, how lm-eval prompts them."""
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedcollm.data.errors import DataError
@@ -30,6 +32,8 @@ class TaskSpec:
     lm_eval_template: PromptTemplate  # exactly lm-evaluation-harness 0.4's task YAML
     default_format: str = "lm_eval"
     missing_splits: dict[str, str] = field(default_factory=dict, compare=False)
+    # The descriptive fields a question's id encodes (`MCQuestion.fields`), whatever the source.
+    id_fields: Callable[[str], dict[str, str]] | None = field(default=None, compare=False)
 
     def check_split(self, split: str) -> None:
         """Raise DataError unless ``split`` is one of this task's splits."""
@@ -43,6 +47,18 @@ class TaskSpec:
 
 
 _ALL_SPLITS = ("train", "validation", "test")
+_ARC_EXAM = re.compile(r"([A-Za-z][A-Za-z&]*)(?:_|(?=\d))")
+
+
+def arc_exam(question_id: str) -> dict[str, str]:
+    """ARC's ids name the exam a question was taken from (Clark et al., 2018), before an
+    underscore or the digits: ``Mercury_7220990`` -> ``{"source": "Mercury"}``,
+    ``AKDE&ED_2008_4_2`` -> ``AKDE&ED``, ``CSZ10336`` -> ``CSZ``. A natural domain for non-IID
+    clients (`task.partition = "field"`); an id of another shape gives none.
+    """
+    match = _ARC_EXAM.match(question_id)
+    return {"source": match.group(1)} if match else {}
+
 
 TASKS: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec(
@@ -52,6 +68,7 @@ TASKS: dict[str, TaskSpec] = {
         hub_id="allenai/ai2_arc",
         hub_config="ARC-Easy",
         lm_eval_template=QuestionAnswerTemplate(),
+        id_fields=arc_exam,
     ),
     "arc_challenge": TaskSpec(
         name="arc_challenge",
@@ -60,6 +77,7 @@ TASKS: dict[str, TaskSpec] = {
         hub_id="allenai/ai2_arc",
         hub_config="ARC-Challenge",
         lm_eval_template=QuestionAnswerTemplate(),
+        id_fields=arc_exam,
     ),
     "openbookqa": TaskSpec(
         name="openbookqa",

@@ -1,6 +1,7 @@
 """Value types shared by the loaders, prompt formats and evaluators."""
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from fedcollm.data.errors import DataError
 
@@ -17,6 +18,9 @@ class MCQuestion:
     question: str  # the bare question text (no "Question:"/"Answer:" wrapping)
     choices: tuple[str, ...]  # answer texts
     gold: int  # index into choices
+    # Descriptive fields of the record (ARC's exam "source", a JSONL file's extra columns), what
+    # `task.partition = "field"` splits clients by; never part of a prompt.
+    fields: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.choices) < 2:

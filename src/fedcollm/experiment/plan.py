@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedcollm.algorithms import ALGORITHMS, check_config
 from fedcollm.config import ConfigError, ExperimentConfig, LoraConfig, build_config
+from fedcollm.data import Partition
 from fedcollm.experiment.setup import check_data, check_models
 from fedcollm.lm.loading import ModelError, resolve_model
 from fedcollm.lm.lora import LORA_TARGETS
@@ -117,22 +118,29 @@ def check_runs(
     tasks: Sequence[str],
     *,
     secure_aggregation: bool = False,
-) -> None:
+) -> dict[str, ExperimentData]:
     """Everything a run of each (task, method) would refuse before training, checked offline.
 
     The algorithm's `check_config` (with `secure_aggregation`: as the engine that aggregates with
     SecAgg+ checks it), the data (every training and evaluation question, read and split as the
     run will), and every model name (it must resolve; a hub id need not be cached). Raises the
-    error the run would raise.
+    error the run would raise. Returns each task's data, as the runs will split it.
     """
     runs = {(task, method): _run_of(config, task, method) for task in tasks for method in methods}
     for run in runs.values():
         check_config(run, secure_aggregation=secure_aggregation)
+    loaded = {}
     for task in tasks:
-        data = ExperimentData.load(runs[task, methods[0]])
+        data = loaded[task] = ExperimentData.load(runs[task, methods[0]])
         for method in methods:
             check_data(ALGORITHMS[method], runs[task, method], data)
     check_models(config, [ALGORITHMS[method] for method in methods])
+    return loaded
+
+
+def split_text(split: Partition) -> str:
+    """Who holds how many training questions: ``server 200, clients 629 / 94 / 84 / 27``."""
+    return f"server {len(split.aux)}, clients " + " / ".join(str(len(shard)) for shard in split.clients)
 
 
 def plan(
@@ -153,7 +161,7 @@ def plan(
         raise ConfigError(
             f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(ALGORITHMS))}"
         )
-    check_runs(config, methods, tasks, secure_aggregation=secure_aggregation)
+    loaded = check_runs(config, methods, tasks, secure_aggregation=secure_aggregation)
     fed = config.federation
     lines = [
         PlanLine("methods", ", ".join(methods)),
@@ -161,9 +169,12 @@ def plan(
         PlanLine("rounds", str(fed.rounds)),
         PlanLine(
             "clients",
-            f"{fed.num_clients} ({config.task.partition} split, "
+            f"{fed.num_clients} ({config.task.partition} split"
+            + (f" by {config.task.partition_field}" if config.task.partition == "field" else "")
+            + ", "
             f"{config.task.aux_fraction:.0%} of the training questions to the server)",
         ),
+        *(PlanLine(f"{task} split", split_text(data.split)) for task, data in loaded.items()),
         PlanLine("evaluation", f"{config.eval_split}, {config.eval.limit or 'all'} questions"),
         PlanLine("dtype", f"base models in {dtype_text(config.dtype)}, adapters in float32"),
     ]

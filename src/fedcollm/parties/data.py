@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedcollm.config import ExperimentConfig
-from fedcollm.data import MCQuestion, MCRequest, Partition, load_questions, partition, render, sample_indices
+from fedcollm.data import (
+    DataError,
+    MCQuestion,
+    MCRequest,
+    Partition,
+    load_questions,
+    partition,
+    render,
+    sample_indices,
+)
+
+
+def field_values(questions: Sequence[MCQuestion], name: str) -> list[str]:
+    """Each question's value of `task.partition_field` (``label``: its gold index)."""
+    if name == "label":
+        return [str(q.gold) for q in questions]
+    values = [q.fields.get(name) for q in questions]
+    missing = [q.id for q, value in zip(questions, values, strict=True) if value is None]
+    if missing:
+        known = sorted({key for q in questions for key in q.fields})
+        raise DataError(
+            f"task.partition_field = {name!r}: {len(missing)} of {len(questions)} training questions "
+            f"lack it (first: {missing[0]!r}); their fields: {', '.join(known) or 'none'}, and 'label'"
+        )
+    return [value for value in values if value is not None]
 
 
 @dataclass(frozen=True)
@@ -28,6 +53,8 @@ class ExperimentData:
             scheme=task.partition,
             alpha=task.dirichlet_alpha,
             seed=config.seed,
+            values=field_values(train, task.partition_field) if task.partition == "field" else None,
+            groups=task.partition_groups,
         )
         pool = load_questions(task.name, config.eval_split, task.source)
         chosen = sample_indices(len(pool), config.eval.limit or None, config.eval_seed)
