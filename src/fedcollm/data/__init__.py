@@ -8,6 +8,7 @@ language model scores; ``partition`` splits questions into a server aux set and 
 from fedcollm.data.errors import DataError
 from fedcollm.data.formats import FORMATS, render
 from fedcollm.data.partition import Partition, partition, sample_indices
+from fedcollm.data.qa import QAExample, load_qa, qa_prompt
 from fedcollm.data.sources import load_questions
 from fedcollm.data.tasks import TASKS
 from fedcollm.data.types import MCQuestion, MCRequest
@@ -19,8 +20,11 @@ __all__ = [
     "MCQuestion",
     "MCRequest",
     "Partition",
+    "QAExample",
+    "load_qa",
     "load_questions",
     "partition",
+    "qa_prompt",
     "render",
     "sample_indices",
 ]
