@@ -147,6 +147,7 @@ def test_converted_tokenizer_behaves_like_autotokenizer(alias: str) -> None:
         assert getattr(ours, attribute) == getattr(reference, attribute), attribute
     assert len(ours) == len(reference) and ours.get_vocab() == reference.get_vocab()
     assert needs_bos(ours) == needs_bos(reference)
+    assert ours.chat_template == reference.chat_template  # SmolLM2-Instruct's, kept from its GGUF
     for special in (True, False):
         for text in SAMPLE_TEXTS:
             ids = ours(text, add_special_tokens=special)["input_ids"]

@@ -111,11 +111,29 @@ def _file_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+_CONVERSION = 2
+"""Version of what `convert_gguf` writes, in the folder name: 2 keeps the GGUF's chat template."""
+
+
+def gguf_chat_template(gguf: Path) -> str | None:
+    """The chat template a GGUF file carries (`tokenizer.chat_template`), or None.
+
+    transformers' GGUF tokenizer loading drops it (SmolLM2-135M-Instruct's file has one), so the
+    conversion reads it from the file's metadata with the `gguf` package and keeps it.
+    """
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.chat_template")
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a transformers folder in the cache; return the folder."""
     if not gguf.is_file():
         raise ModelError(f"GGUF file not found: {gguf}")
-    target = cache_root() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    target = cache_root() / "models" / f"{gguf.stem}-{_file_key(gguf)}-c{_CONVERSION}"
     if (target / "config.json").is_file():
         return target
     log.info("converting %s into %s (once)", gguf.name, target)
@@ -123,6 +141,8 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = gguf_chat_template(gguf)
     except Exception as exc:
         # The gguf reader fails on a cut or foreign file with whatever its parsing hits (struct
         # errors, reshapes of short buffers, unknown architectures); only here is the file known.
@@ -196,12 +216,16 @@ def _converted_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     """
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     special = {key: config[key] for key in _SPECIAL_TOKENS if isinstance(config.get(key), str)}
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(folder / "tokenizer.json"),
         name_or_path=str(folder),
         model_max_length=config.get("model_max_length", int(1e30)),
         **special,
     )
+    template = folder / "chat_template.jinja"  # where save_pretrained writes the chat template
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    return tokenizer
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
