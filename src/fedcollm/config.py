@@ -398,6 +398,46 @@ class CompareConfig(_Section):
     )
 
 
+class PrivacyConfig(_Section):
+    """Client-level differential privacy for the adapter mean (DP-FedAvg; docs/privacy.md).
+
+    `central`: the server clips every client's update to `clip_norm`, averages them uniformly
+    and adds Gaussian noise of standard deviation noise_multiplier · clip_norm / K to the mean;
+    the ε spent (Opacus's RDP accountant, every client in every round) goes to metrics.jsonl and
+    results.md. Needs `federation.weighting = "uniform"` and `robustness.aggregation = "mean"`
+    (the noise is calibrated to a uniform mean's sensitivity), an algorithm whose aggregate is
+    the adapter mean (FedAvg, FedCoLLM), and no SecAgg+ (which hides the uploads to be clipped).
+    """
+
+    mode: Literal["off", "central"] = Field(
+        "off", description='"off", or "central": the server clips each update and noises the mean.'
+    )
+    clip_norm: float = Field(
+        1.0, gt=0, description="L2 bound on each client's adapter update, all adapter tensors together."
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="σ: noise std = σ · clip_norm / K on the mean of K updates. Set this or target_epsilon.",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="The ε to spend over the run: σ is the smallest Opacus finds for federation.rounds "
+        "rounds at delta. Set this or noise_multiplier.",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> PrivacyConfig:
+        if self.mode != "off" and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                f"privacy.mode = {self.mode!r} needs exactly one of privacy.noise_multiplier and "
+                "privacy.target_epsilon"
+            )
+        return self
+
+
 class ExperimentConfig(_Section):
     """One experiment: algorithm, models, data, federation and training settings."""
 
@@ -431,6 +471,7 @@ class ExperimentConfig(_Section):
     fedmkt: FedMKTConfig = Field(default_factory=FedMKTConfig)
     crosslm: CrossLMConfig = Field(default_factory=CrossLMConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
 

@@ -110,6 +110,8 @@ class Seed(IntEnum):
     """The LLM's sampling of synthetic examples (CrossLM)."""
     CHOICE_ORDER = 10
     """The permutation of each synthetic example's choices (CrossLM)."""
+    DP_NOISE = 11
+    """The Gaussian noise central differential privacy adds to a round's adapter mean."""
 
 
 def derive_seed(seed: int, purpose: Seed, rnd: int = 0, client: int | None = None) -> int:

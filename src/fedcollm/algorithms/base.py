@@ -35,6 +35,8 @@ class Algorithm(ABC):
     """Whether rounds involve the clients (Centralized and Zero-Shot train or do nothing alone)."""
     secure_aggregation: ClassVar[bool] = True
     """Whether `aggregate_fit` is a weighted mean that secure aggregation may compute instead."""
+    aggregates_adapters: ClassVar[bool] = True
+    """Whether `aggregate_fit` averages the clients' adapters (what client-level DP noises)."""
     evaluates_on_clients: ClassVar[bool] = False
     """Whether clients evaluate their own SLMs (when the server never holds their adapters)."""
     server_state_keys: ClassVar[tuple[str, ...]] = ()
@@ -56,9 +58,34 @@ class Algorithm(ABC):
         problems = []
         if cls.uses_llm and config.llm is None:
             problems.append(f"algorithm {cls.name!r} needs an [llm] section (the server's LLM)")
+        problems += cls.privacy_problems(config)
         if cls.needs_auxiliary_set(config) and config.task.aux_fraction <= 0:
             problems.append(
                 f"algorithm {cls.name!r} trains on the server's auxiliary set: set task.aux_fraction > 0"
+            )
+        return problems
+
+    @classmethod
+    def privacy_problems(cls, config: ExperimentConfig) -> list[str]:
+        """Why `privacy` cannot hold for this algorithm and config (empty: it can, or it is off)."""
+        privacy = config.privacy
+        if privacy.mode == "off":
+            return []
+        problems = []
+        if not (cls.uses_clients and cls.aggregates_adapters):
+            problems.append(
+                f"privacy.mode = {privacy.mode!r} noises the clients' adapter mean, and algorithm "
+                f"{cls.name!r} aggregates no adapter mean (docs/privacy.md says what its messages reveal)"
+            )
+        if config.federation.weighting != "uniform":
+            problems.append(
+                f"privacy.mode = {privacy.mode!r} calibrates its noise to a uniform mean: set "
+                'federation.weighting = "uniform" (example-count weights change a client\'s influence)'
+            )
+        if config.robustness.aggregation != "mean":
+            problems.append(
+                f'privacy.mode = {privacy.mode!r} needs robustness.aggregation = "mean", not '
+                f"{config.robustness.aggregation!r}"
             )
         return problems
 
@@ -70,7 +97,13 @@ class Algorithm(ABC):
         it and the algorithm declares `secure_aggregation`. The server then sees no individual
         upload, so no setting that needs one may stand (`RobustnessConfig`).
         """
-        return config.robustness.secure_aggregation_problems()
+        problems = config.robustness.secure_aggregation_problems()
+        if config.privacy.mode == "central":
+            problems.append(
+                'privacy.mode = "central" clips each client\'s upload on the server, which secure '
+                "aggregation (SecAgg+) hides: run without SecAgg+ (no --secagg; run config secagg=false)"
+            )
+        return problems
 
     @classmethod
     def aggregates_securely(cls, secure_transport: bool) -> bool:

@@ -7,6 +7,8 @@ evaluation before training and after rounds, aggregation, the server step, the r
 
 from __future__ import annotations
 
+import numpy as np
+
 from fedcollm.algorithms import Algorithm
 from fedcollm.config import Weighting
 from fedcollm.errors import RoundError
@@ -21,8 +23,19 @@ from fedcollm.experiment.checkpoint import (
     set_rng_state,
 )
 from fedcollm.experiment.recording import RunRecorder
+from fedcollm.federation.privacy import epsilon_spent, mechanism
 from fedcollm.parties.server import ServerRuntime
-from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, SecureAggregate, Transport
+from fedcollm.protocol import (
+    Arrays,
+    ClientReply,
+    Metric,
+    Payload,
+    Reporter,
+    SecureAggregate,
+    Seed,
+    Transport,
+    derive_seed,
+)
 
 
 def _dropouts(rnd: int, num_clients: int, replies: list[ClientReply]) -> list[Metric]:
@@ -62,6 +75,34 @@ def _screen(
             f"robustness.min_clients={minimum} ({reasons}). The run stopped; {kept}"
         )
     return accepted
+
+
+def _aggregate(
+    algorithm: Algorithm, server: ServerRuntime, accepted: list[ClientReply], rnd: int, recorder: RunRecorder
+) -> Arrays:
+    """The round's aggregate: the algorithm's own, or under central DP the noised mean of the
+    clipped updates, with the ε spent so far recorded (`fedcollm.federation.privacy`)."""
+    config = algorithm.config
+    privacy = config.privacy
+    if privacy.mode == "off":
+        return algorithm.aggregate_fit(server, accepted, rnd)
+    rounds = algorithm.num_rounds()
+    dp = mechanism(privacy.clip_norm, privacy.noise_multiplier, privacy.target_epsilon, privacy.delta, rounds)
+    rng = np.random.default_rng(derive_seed(config.seed, Seed.DP_NOISE, rnd))
+    result = dp.aggregate(accepted, server.global_adapter, rng)
+    epsilon = epsilon_spent(dp.noise_multiplier, rnd, privacy.delta)
+    note = (
+        f"central DP: clip {privacy.clip_norm:g}, noise multiplier {dp.noise_multiplier:.4g}, "
+        f"delta {privacy.delta:g}, {len(accepted)} clients (Opacus RDP)"
+    )
+    recorder.record(
+        [
+            Metric(rnd, "server", None, "dp_epsilon", epsilon, note=note),
+            Metric(rnd, "server", None, "dp_noise_std", result.noise_std),
+            Metric(rnd, "server", None, "dp_clipped", float(result.clipped)),
+        ]
+    )
+    return result.arrays
 
 
 def _secure_metrics(result: SecureAggregate, rnd: int, weighting: Weighting = "examples") -> list[Metric]:
@@ -192,7 +233,7 @@ def run_rounds(
                 _require_secure(algorithm, result, rnd, recorder)
             else:
                 accepted = _screen(algorithm, server, payload, replies, rnd, recorder, reporter)
-                aggregate = algorithm.aggregate_fit(server, accepted, rnd)
+                aggregate = _aggregate(algorithm, server, accepted, rnd, recorder)
         recorder.record(algorithm.server_update(server, aggregate, rnd, reporter))
         if config.eval.every_round or rnd == rounds:
             _evaluate(algorithm, server, transport, rnd, reporter, recorder)

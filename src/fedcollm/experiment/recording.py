@@ -243,7 +243,21 @@ def results_markdown(
         f"{comm['total_bytes'] / 1e6:.1f} MB in total over the run.",
         "",
     ]
+    lines += _privacy_lines(metrics)
     return "\n".join(lines)
+
+
+def _privacy_lines(metrics: Sequence[Metric]) -> list[str]:
+    """The privacy spent, where central DP ran: ε per round and its settings."""
+    spent = sorted((m for m in metrics if m.metric == "dp_epsilon"), key=lambda m: m.round)
+    if not spent:
+        return []
+    per_round = ", ".join(f"round {m.round}: {m.value:.3g}" for m in spent)
+    return [
+        f"Differential privacy: ε = {spent[-1].value:.3g} after round {spent[-1].round} ({per_round}); "
+        f"{spent[-1].note}.",
+        "",
+    ]
 
 
 def _before_after_lines(question_sets: Sequence[QuestionSet], last: int) -> list[str]:

@@ -24,6 +24,7 @@ class Standalone(Algorithm):
 
     name = "standalone"
     secure_aggregation = False
+    aggregates_adapters = False
     server_state_keys = ("client_adapters",)
     client_state_keys = ("adapter",)
 

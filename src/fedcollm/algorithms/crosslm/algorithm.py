@@ -153,6 +153,7 @@ class CrossLM(Algorithm):
     name = "crosslm"
     uses_llm = True
     secure_aggregation = True
+    aggregates_adapters = False
     evaluates_on_clients = True
     server_state_keys = ("selected", "llm_version")
     client_state_keys = ("adapter",)

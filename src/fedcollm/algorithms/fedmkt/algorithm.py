@@ -94,6 +94,7 @@ class FedMKT(Algorithm):
     name = "fedmkt"
     uses_llm = True
     secure_aggregation = False
+    aggregates_adapters = False
     evaluates_on_clients = True
     server_state_keys = ("own_loss", "server_knowledge", "adapter_avg", "llm_version", "knowledge_rounds")
     client_state_keys = ("adapter", "own_loss", "own_knowledge")

@@ -1,0 +1,141 @@
+"""Client-level differential privacy for adapter means (DP-FedAvg, McMahan et al., ICLR 2018).
+
+Each round every client's update (its uploaded adapter minus the global adapter it received) is
+clipped to L2 norm `clip_norm` over all adapter tensors together, the clipped updates are
+averaged uniformly over the K clients of the round, and Gaussian noise of standard deviation
+`noise_multiplier · clip_norm / K` is added to the mean: one client changes the mean by at most
+`clip_norm / K`, so each round is a Gaussian mechanism of noise multiplier σ on the clients'
+data. Clipping and the noise scale are Flower's building blocks
+(`flwr.supercore.differential_privacy`: `clip_inputs_inplace`, `compute_stdv`, the functions its
+`DifferentialPrivacyServerSideFixedClipping` strategy uses); the noise is drawn from a seeded
+generator so that a run is reproducible, where Flower's helper draws from numpy's global state.
+
+The privacy spent is Opacus's RDP accountant (`opacus.accountants.RDPAccountant`) over the rounds
+run so far, every client taking part in every round (sample rate 1); a target ε is met by
+Opacus's `get_noise_multiplier` for the run's number of rounds.
+
+Placement `central`: the server clips and adds the noise (it sees the un-noised uploads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
+
+from fedcollm.errors import FedcollmError
+from fedcollm.protocol import Arrays, ClientReply
+
+
+class PrivacyError(FedcollmError, ValueError):
+    """Privacy settings that cannot give the guarantee asked for."""
+
+
+def epsilon_spent(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """ε after `rounds` full-participation rounds of the Gaussian mechanism (Opacus RDP)."""
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return float("inf")
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(rounds):
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+    return float(accountant.get_epsilon(delta))
+
+
+def noise_multiplier_for(target_epsilon: float, delta: float, rounds: int) -> float:
+    """The smallest σ (Opacus's search, to its precision) that keeps ε ≤ `target_epsilon`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=1.0,
+                steps=rounds,
+                accountant="rdp",
+            )
+        )
+    except ValueError as exc:
+        raise PrivacyError(
+            f"privacy.target_epsilon = {target_epsilon:g} at δ = {delta:g} over {rounds} rounds: {exc}"
+        ) from None
+
+
+def _difference(upload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """`upload − reference` per array, in float64 and sorted name order."""
+    names = sorted(reference)
+    if sorted(upload) != names:
+        raise PrivacyError("an upload's arrays do not match the global adapter's")
+    return [np.asarray(upload[n], np.float64) - np.asarray(reference[n], np.float64) for n in names]
+
+
+@dataclass(frozen=True)
+class ClippedMean:
+    """The noised mean of clipped updates, and what the round spent."""
+
+    arrays: Arrays
+    noise_std: float
+    clipped: int  # uploads whose update was scaled down to the bound
+    update_norms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class GaussianMechanism:
+    """Clip each client's update to `clip_norm`, average, add N(0, (σ·C/K)²) per coordinate."""
+
+    clip_norm: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        if not self.clip_norm > 0:
+            raise PrivacyError(f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+        if self.noise_multiplier < 0:
+            raise PrivacyError(f"privacy noise multiplier must be >= 0, got {self.noise_multiplier}")
+
+    def noise_std(self, num_clients: int) -> float:
+        """The noise standard deviation on the mean of `num_clients` clipped updates."""
+        return compute_stdv(self.noise_multiplier, self.clip_norm, num_clients)
+
+    def clipped_update(self, upload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Arrays:
+        """`upload − reference`, scaled to norm ≤ `clip_norm` (float64, so the bound holds exactly)."""
+        update = _difference(upload, reference)
+        if get_norm(update) > self.clip_norm:  # Flower's clip divides by the norm, 0 for no update
+            clip_inputs_inplace(update, self.clip_norm)
+        return dict(zip(sorted(reference), update, strict=True))
+
+    def aggregate(
+        self,
+        replies: Sequence[ClientReply],
+        reference: Mapping[str, np.ndarray],
+        rng: np.random.Generator,
+    ) -> ClippedMean:
+        """The next global adapter: `reference` + the noised uniform mean of the clipped updates."""
+        if not replies:
+            raise PrivacyError("no uploads to aggregate")
+        raw_norms = tuple(get_norm(_difference(reply.arrays, reference)) for reply in replies)
+        updates = [self.clipped_update(reply.arrays, reference) for reply in replies]
+        std = self.noise_std(len(replies))
+        arrays: Arrays = {}
+        for name in sorted(reference):
+            mean = np.mean([u[name] for u in updates], axis=0)
+            noise = rng.normal(0.0, std, size=mean.shape) if std > 0 else 0.0
+            arrays[name] = (np.asarray(reference[name], np.float64) + mean + noise).astype(np.float32)
+        clipped = sum(norm > self.clip_norm for norm in raw_norms)
+        return ClippedMean(arrays, std, clipped, raw_norms)
+
+
+def mechanism(
+    clip_norm: float, noise_multiplier: float | None, target_epsilon: float | None, delta: float, rounds: int
+) -> GaussianMechanism:
+    """The mechanism of a privacy config: its σ, or the σ that spends `target_epsilon` in `rounds`."""
+    if noise_multiplier is None:
+        if target_epsilon is None:
+            raise PrivacyError("set privacy.noise_multiplier or privacy.target_epsilon")
+        noise_multiplier = noise_multiplier_for(target_epsilon, delta, rounds)
+    return GaussianMechanism(clip_norm, noise_multiplier)
