@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from fedcollm.algorithms import ALGORITHMS, check_config
-from fedcollm.config import ConfigError, build_config
+from fedcollm.config import ConfigError, PrivacyConfig, build_config
 from fedcollm.engines import run_experiment
 from fedcollm.federation.privacy import (
     GaussianMechanism,
     PrivacyError,
+    effective_multiplier,
+    epsilon_of,
     epsilon_spent,
     mechanism,
     noise_multiplier_for,
@@ -90,7 +92,8 @@ def test_a_target_epsilon_is_met_by_the_noise_multiplier_found() -> None:
     sigma = noise_multiplier_for(8.0, 1e-5, 5)
     spent = epsilon_spent(sigma, 5, 1e-5)
     assert spent <= 8.0 and spent == pytest.approx(8.0, rel=0.02)
-    assert mechanism(1.0, None, 8.0, 1e-5, 5).noise_multiplier == sigma
+    privacy = PrivacyConfig(mode="central", clip_norm=1.0, target_epsilon=8.0, delta=1e-5)
+    assert mechanism(privacy, 5).noise_multiplier == sigma
     with pytest.raises(PrivacyError, match="clip_norm must be > 0"):
         GaussianMechanism(0.0, 1.0)
 
@@ -146,3 +149,62 @@ def test_a_dp_run_records_epsilon_per_round_and_is_reproducible(tiny_llama: Path
     other_seed = build_config(_dp_config(tiny_llama, noise_multiplier=1.1) | {"seed": 1})
     run_experiment(other_seed, tmp_path / "c")  # another seed draws other noise
     assert any(not np.array_equal(first[n], saved_adapter(tmp_path / "c")[n]) for n in first)
+
+
+def test_distributed_shares_add_up_to_the_central_noise() -> None:
+    reference = {"w": np.zeros(200_000, np.float32)}
+    dp = GaussianMechanism(clip_norm=0.5, noise_multiplier=2.0)
+    shares = [dp.noised_upload(reference, reference, 4, np.random.default_rng(k)) for k in range(4)]
+    assert float(np.std(shares[0]["w"])) == pytest.approx(2.0 * 0.5 / 2, rel=0.01)  # σC/√K each
+    mean = np.mean([s["w"] for s in shares], axis=0)
+    assert float(np.std(mean)) == pytest.approx(dp.noise_std(4), rel=0.01)  # σC/K, as central
+    big = {"w": np.full(200_000, 1.0, np.float32)}
+    noiseless = GaussianMechanism(clip_norm=0.5, noise_multiplier=0.0)
+    assert _norm(noiseless.noised_upload(big, reference, 4, np.random.default_rng(0))) == pytest.approx(0.5)
+
+
+def test_dropouts_lower_a_distributed_rounds_noise_multiplier() -> None:
+    assert effective_multiplier(2.0, 4, 4) == 2.0
+    assert effective_multiplier(2.0, 4, 1) == pytest.approx(1.0)
+    assert (
+        epsilon_of([2.0, 1.0], 1e-5)
+        > epsilon_of([2.0, 2.0], 1e-5)
+        == pytest.approx(epsilon_spent(2.0, 2, 1e-5))
+    )
+
+
+def test_a_distributed_dp_run_noises_on_the_clients_and_records_epsilon(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    config = build_config(_dp_config(tiny_llama, noise_multiplier=1.1) | {"privacy": _distributed()})
+    run_experiment(config, tmp_path / "a")
+    spent = {m["round"]: m["value"] for m in read_metrics(tmp_path / "a") if m["metric"] == "dp_epsilon"}
+    assert spent == {
+        1: pytest.approx(epsilon_spent(1.1, 1, 1e-5)),
+        2: pytest.approx(epsilon_spent(1.1, 2, 1e-5)),
+    }
+    assert "distributed DP" in (tmp_path / "a" / "results.md").read_text()
+    assert ALGORITHMS["fedavg"].secure_aggregation_problems(config) == []
+
+
+def _distributed() -> dict[str, object]:
+    return {"mode": "distributed", "clip_norm": 0.05, "noise_multiplier": 1.1}
+
+
+@pytest.mark.slow
+def test_distributed_dp_under_secagg_gives_the_embedded_engines_adapter(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The clients' noise is seeded per round and client, so SecAgg+ on Flower's simulation
+    aggregates the same noised shares as the embedded engine, up to its quantisation."""
+    from fedcollm.engines.flower.options import FlowerOptions
+
+    data = _dp_config(tiny_llama) | {"privacy": _distributed()}
+    data["federation"] = {"rounds": 1, "num_clients": 3, "weighting": "uniform"}
+    config = build_config(data)
+    run_experiment(config, tmp_path / "embedded")
+    run_experiment(config, tmp_path / "secagg", engine="flower", flower=FlowerOptions(secagg=True))
+    embedded, secure = saved_adapter(tmp_path / "embedded"), saved_adapter(tmp_path / "secagg")
+    for name, value in embedded.items():
+        np.testing.assert_allclose(secure[name], value, atol=1e-4)
+    assert any(m["metric"] == "dp_epsilon" for m in read_metrics(tmp_path / "secagg"))

@@ -402,15 +402,20 @@ class PrivacyConfig(_Section):
     """Client-level differential privacy for the adapter mean (DP-FedAvg; docs/privacy.md).
 
     `central`: the server clips every client's update to `clip_norm`, averages them uniformly
-    and adds Gaussian noise of standard deviation noise_multiplier · clip_norm / K to the mean;
-    the ε spent (Opacus's RDP accountant, every client in every round) goes to metrics.jsonl and
-    results.md. Needs `federation.weighting = "uniform"` and `robustness.aggregation = "mean"`
-    (the noise is calibrated to a uniform mean's sensitivity), an algorithm whose aggregate is
-    the adapter mean (FedAvg, FedCoLLM), and no SecAgg+ (which hides the uploads to be clipped).
+    and adds Gaussian noise of standard deviation noise_multiplier · clip_norm / K to the mean.
+    `distributed`: each client clips its own update and adds N(0, σ²·clip_norm²/K) before it
+    uploads, so the mean carries the same noise. The ε spent (Opacus's RDP accountant, every
+    client in every round) goes to metrics.jsonl and results.md. Needs
+    `federation.weighting = "uniform"` and `robustness.aggregation = "mean"` (the noise is
+    calibrated to a uniform mean's sensitivity) and an algorithm whose aggregate is the adapter
+    mean (FedAvg, FedCoLLM); `central` also needs no SecAgg+, which hides the uploads it clips.
     """
 
-    mode: Literal["off", "central"] = Field(
-        "off", description='"off", or "central": the server clips each update and noises the mean.'
+    mode: Literal["off", "central", "distributed"] = Field(
+        "off",
+        description='"off"; "central": the server clips each update and noises the mean; '
+        '"distributed": each client clips its update and adds its share of the noise before it '
+        "uploads (with SecAgg+ the server never holds an un-noised sum).",
     )
     clip_norm: float = Field(
         1.0, gt=0, description="L2 bound on each client's adapter update, all adapter tensors together."

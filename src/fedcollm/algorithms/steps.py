@@ -12,6 +12,7 @@ from fedcollm.config import ExperimentConfig
 from fedcollm.evaluation.multiple_choice import EncodedRequests, EvalResult, score, sequence_loglikelihoods
 from fedcollm.evaluation.records import QuestionSet
 from fedcollm.federation import wire
+from fedcollm.federation.privacy import mechanism
 from fedcollm.lm.encoding import Encoded
 from fedcollm.lm.lora import get_adapter, set_adapter
 from fedcollm.lm.models import LoadedModel
@@ -120,15 +121,29 @@ def train_client_adapter(
     The payload's adapter arrives and the reply's leaves in `federation.transport_dtype`.
     """
     dtype = config.federation.transport_dtype
-    set_adapter(client.slm.model, wire.decode(payload.arrays, dtype))
+    received = wire.decode(payload.arrays, dtype)
+    set_adapter(client.slm.model, received)
     reporter.phase(f"round {rnd} · client {client.client_id} training", None)
     result = client_sft(config, client, client.train, rnd, reporter)
+    adapter = get_adapter(client.slm.model)
+    if config.privacy.mode == "distributed":
+        adapter = distributed_share(config, adapter, received, rnd, client.client_id)
     return ClientReply(
         client=client.client_id,
-        arrays=wire.encode(get_adapter(client.slm.model), dtype),
+        arrays=wire.encode(adapter, dtype),
         num_examples=result.num_examples,
         metrics={"train_loss": result.mean_loss, "steps": float(result.steps)},
     )
+
+
+def distributed_share(
+    config: ExperimentConfig, adapter: Arrays, received: Arrays, rnd: int, client: int
+) -> Arrays:
+    """A client's upload under distributed DP: its update clipped, its share of the noise added
+    (`GaussianMechanism.noised_upload`, seeded per round and client)."""
+    dp = mechanism(config.privacy, config.federation.rounds)
+    rng = np.random.default_rng(derive_seed(config.seed, Seed.DP_NOISE, rnd, client))
+    return dp.noised_upload(adapter, received, config.federation.num_clients, rng)
 
 
 def client_sft(

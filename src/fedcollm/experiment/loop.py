@@ -23,7 +23,7 @@ from fedcollm.experiment.checkpoint import (
     set_rng_state,
 )
 from fedcollm.experiment.recording import RunRecorder
-from fedcollm.federation.privacy import epsilon_spent, mechanism
+from fedcollm.federation.privacy import GaussianMechanism, effective_multiplier, epsilon_of, mechanism
 from fedcollm.parties.server import ServerRuntime
 from fedcollm.protocol import (
     Arrays,
@@ -81,28 +81,52 @@ def _aggregate(
     algorithm: Algorithm, server: ServerRuntime, accepted: list[ClientReply], rnd: int, recorder: RunRecorder
 ) -> Arrays:
     """The round's aggregate: the algorithm's own, or under central DP the noised mean of the
-    clipped updates, with the ε spent so far recorded (`fedcollm.federation.privacy`)."""
+    clipped updates (`fedcollm.federation.privacy`), with the privacy spent recorded."""
+    privacy = algorithm.config.privacy
+    if privacy.mode != "central":
+        aggregate = algorithm.aggregate_fit(server, accepted, rnd)
+        _record_privacy(algorithm, rnd, len(accepted), recorder)
+        return aggregate
+    dp = _mechanism(algorithm)
+    rng = np.random.default_rng(derive_seed(algorithm.config.seed, Seed.DP_NOISE, rnd))
+    result = dp.aggregate(accepted, server.global_adapter, rng)
+    _record_privacy(algorithm, rnd, len(accepted), recorder, result.clipped)
+    return result.arrays
+
+
+def _mechanism(algorithm: Algorithm) -> GaussianMechanism:
+    return mechanism(algorithm.config.privacy, algorithm.config.federation.rounds)
+
+
+def _record_privacy(
+    algorithm: Algorithm, rnd: int, received: int, recorder: RunRecorder, clipped: int | None = None
+) -> None:
+    """The round's noise multiplier and the ε spent up to it (nothing when DP is off).
+
+    Central noise is scaled to the uploads received, so a round's multiplier is σ; distributed
+    noise was added by each client for K uploads, so K' < K arrivals give σ·√(K'/K). The ε
+    composes every round's multiplier recorded so far (metrics.jsonl survives a resume).
+    """
     config = algorithm.config
     privacy = config.privacy
     if privacy.mode == "off":
-        return algorithm.aggregate_fit(server, accepted, rnd)
-    rounds = algorithm.num_rounds()
-    dp = mechanism(privacy.clip_norm, privacy.noise_multiplier, privacy.target_epsilon, privacy.delta, rounds)
-    rng = np.random.default_rng(derive_seed(config.seed, Seed.DP_NOISE, rnd))
-    result = dp.aggregate(accepted, server.global_adapter, rng)
-    epsilon = epsilon_spent(dp.noise_multiplier, rnd, privacy.delta)
+        return
+    sigma = _mechanism(algorithm).noise_multiplier
+    if privacy.mode == "distributed":
+        sigma = effective_multiplier(sigma, config.federation.num_clients, received)
+    history = [m.value for m in recorder.metrics if m.metric == "dp_noise_multiplier" and m.round < rnd]
+    epsilon = epsilon_of([*history, sigma], privacy.delta)
     note = (
-        f"central DP: clip {privacy.clip_norm:g}, noise multiplier {dp.noise_multiplier:.4g}, "
-        f"delta {privacy.delta:g}, {len(accepted)} clients (Opacus RDP)"
+        f"{privacy.mode} DP: clip {privacy.clip_norm:g}, noise multiplier {sigma:.4g}, "
+        f"delta {privacy.delta:g}, {received} clients (Opacus RDP)"
     )
-    recorder.record(
-        [
-            Metric(rnd, "server", None, "dp_epsilon", epsilon, note=note),
-            Metric(rnd, "server", None, "dp_noise_std", result.noise_std),
-            Metric(rnd, "server", None, "dp_clipped", float(result.clipped)),
-        ]
-    )
-    return result.arrays
+    metrics = [
+        Metric(rnd, "server", None, "dp_noise_multiplier", sigma),
+        Metric(rnd, "server", None, "dp_epsilon", epsilon, note=note),
+    ]
+    if clipped is not None:
+        metrics.append(Metric(rnd, "server", None, "dp_clipped", float(clipped)))
+    recorder.record(metrics)
 
 
 def _secure_metrics(result: SecureAggregate, rnd: int, weighting: Weighting = "examples") -> list[Metric]:
@@ -231,6 +255,7 @@ def run_rounds(
             if secure:
                 recorder.record(_secure_metrics(result, rnd, config.federation.weighting))
                 _require_secure(algorithm, result, rnd, recorder)
+                _record_privacy(algorithm, rnd, len(result.replies), recorder)
             else:
                 accepted = _screen(algorithm, server, payload, replies, rnd, recorder, reporter)
                 aggregate = _aggregate(algorithm, server, accepted, rnd, recorder)

@@ -14,17 +14,27 @@ The privacy spent is Opacus's RDP accountant (`opacus.accountants.RDPAccountant`
 run so far, every client taking part in every round (sample rate 1); a target ε is met by
 Opacus's `get_noise_multiplier` for the run's number of rounds.
 
-Placement `central`: the server clips and adds the noise (it sees the un-noised uploads).
+Placements:
+
+- `central`: the server clips every upload and adds the noise to the mean (it sees the
+  un-noised uploads).
+- `distributed`: each client clips its own update and adds its share of the noise,
+  N(0, σ²·C²/K), before it uploads; the uniform mean of K such uploads carries noise of the same
+  standard deviation σ·C/K, and under SecAgg+ the server never holds an un-noised sum. With K' < K
+  uploads in a round (dropouts) the mean carries less noise: the round's effective noise
+  multiplier is σ·√(K'/K), and that is what the accountant is given.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
+from fedcollm.config import PrivacyConfig
 from fedcollm.errors import FedcollmError
 from fedcollm.protocol import Arrays, ClientReply
 
@@ -35,16 +45,26 @@ class PrivacyError(FedcollmError, ValueError):
 
 def epsilon_spent(noise_multiplier: float, rounds: int, delta: float) -> float:
     """ε after `rounds` full-participation rounds of the Gaussian mechanism (Opacus RDP)."""
-    if rounds <= 0:
+    return epsilon_of([noise_multiplier] * rounds, delta)
+
+
+def epsilon_of(multipliers: Sequence[float], delta: float) -> float:
+    """ε after one full-participation round per entry, each of its own noise multiplier."""
+    if not multipliers:
         return 0.0
-    if noise_multiplier <= 0:
+    if min(multipliers) <= 0:
         return float("inf")
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
-    for _ in range(rounds):
-        accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+    for multiplier in multipliers:
+        accountant.step(noise_multiplier=multiplier, sample_rate=1.0)
     return float(accountant.get_epsilon(delta))
+
+
+def effective_multiplier(noise_multiplier: float, planned: int, received: int) -> float:
+    """A distributed round's noise multiplier when `received` of `planned` noised uploads arrive."""
+    return noise_multiplier * math.sqrt(received / planned)
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, rounds: int) -> float:
@@ -109,6 +129,22 @@ class GaussianMechanism:
             clip_inputs_inplace(update, self.clip_norm)
         return dict(zip(sorted(reference), update, strict=True))
 
+    def noised_upload(
+        self,
+        upload: Mapping[str, np.ndarray],
+        reference: Mapping[str, np.ndarray],
+        num_clients: int,
+        rng: np.random.Generator,
+    ) -> Arrays:
+        """A client's share (distributed placement): `reference` + its clipped update + N(0, σ²C²/K)."""
+        update = self.clipped_update(upload, reference)
+        std = self.noise_multiplier * self.clip_norm / math.sqrt(num_clients)
+        noised: Arrays = {}
+        for name, delta in update.items():
+            noise = rng.normal(0.0, std, size=delta.shape) if std > 0 else 0.0
+            noised[name] = (np.asarray(reference[name], np.float64) + delta + noise).astype(np.float32)
+        return noised
+
     def aggregate(
         self,
         replies: Sequence[ClientReply],
@@ -130,12 +166,12 @@ class GaussianMechanism:
         return ClippedMean(arrays, std, clipped, raw_norms)
 
 
-def mechanism(
-    clip_norm: float, noise_multiplier: float | None, target_epsilon: float | None, delta: float, rounds: int
-) -> GaussianMechanism:
-    """The mechanism of a privacy config: its σ, or the σ that spends `target_epsilon` in `rounds`."""
-    if noise_multiplier is None:
-        if target_epsilon is None:
+def mechanism(privacy: PrivacyConfig, rounds: int) -> GaussianMechanism:
+    """The mechanism of a `[privacy]` section: its σ, or the σ that spends `target_epsilon` in
+    `rounds` (the run's `federation.rounds`, on the server and on every client alike)."""
+    sigma = privacy.noise_multiplier
+    if sigma is None:
+        if privacy.target_epsilon is None:
             raise PrivacyError("set privacy.noise_multiplier or privacy.target_epsilon")
-        noise_multiplier = noise_multiplier_for(target_epsilon, delta, rounds)
-    return GaussianMechanism(clip_norm, noise_multiplier)
+        sigma = noise_multiplier_for(privacy.target_epsilon, privacy.delta, rounds)
+    return GaussianMechanism(privacy.clip_norm, sigma)
