@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fedcollm.config import LoraConfig, TrainConfig
@@ -96,3 +97,25 @@ def test_bf16_evaluation_scores_close_to_fp32(tiny_llama: Path) -> None:
     fp32, bf16 = scores[torch.float32], scores[torch.bfloat16]
     assert bf16.dtype == np.float64
     np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.1)
+
+
+def test_forcing_bfloat16_without_native_support_is_warned_about_in_the_plan_and_the_run(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedcollm.config import build_config
+    from fedcollm.experiment.plan import plan
+    from fedcollm.lm import precision
+    from fedcollm.parties.loading import load_models
+    from tests.helpers import tiny_config
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)
+    assert precision.dtype_warning("auto") is None and precision.dtype_warning("float32") is None
+    assert precision.torch_dtype("auto") == torch.float32  # auto never picks emulated bf16
+    forced = build_config(tiny_config(tiny_llama, tiny_llama, algorithm="fedavg", dtype="bfloat16"))
+    lines = {line.label: line.value for line in plan(forced)}
+    assert "emulates it" in lines["warning"] and 'use dtype = "auto" or "float32"' in lines["warning"]
+    with caplog.at_level("WARNING", logger="fedcollm.parties.loading"):
+        load_models(forced, with_llm=False)
+    assert any("without native bfloat16" in r.message for r in caplog.records)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    assert precision.dtype_warning("bfloat16") is None

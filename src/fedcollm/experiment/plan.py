@@ -22,7 +22,7 @@ from fedcollm.data import Partition
 from fedcollm.experiment.setup import check_data, check_models
 from fedcollm.lm.loading import ModelError, resolve_model
 from fedcollm.lm.lora import LORA_TARGETS
-from fedcollm.lm.precision import dtype_text
+from fedcollm.lm.precision import dtype_text, dtype_warning
 from fedcollm.parties.data import ExperimentData
 
 
@@ -177,6 +177,7 @@ def plan(
         *(PlanLine(f"{task} split", split_text(data.split)) for task, data in loaded.items()),
         PlanLine("evaluation", f"{config.eval_split}, {config.eval.limit or 'all'} questions"),
         PlanLine("dtype", f"base models in {dtype_text(config.dtype)}, adapters in float32"),
+        *([PlanLine("warning", warning)] if (warning := dtype_warning(config.dtype)) else []),
     ]
     roles = [("slm", config.slm)] + ([("llm", config.llm)] if config.llm is not None else [])
     for role, model in roles:

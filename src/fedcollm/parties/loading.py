@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from fedcollm.config import ConfigError, ExperimentConfig
 from fedcollm.lm.models import LoadedModel, load_with_lora
-from fedcollm.lm.precision import torch_dtype
+from fedcollm.lm.precision import dtype_warning, torch_dtype
 from fedcollm.protocol import Seed, derive_seed
+
+log = logging.getLogger(__name__)
 
 
 def load_client_models(config: ExperimentConfig, slm: LoadedModel) -> list[LoadedModel]:
@@ -29,6 +33,9 @@ def load_client_model(config: ExperimentConfig, name: str) -> LoadedModel:
 
 def load_models(config: ExperimentConfig, with_llm: bool) -> tuple[LoadedModel, LoadedModel | None]:
     """Load the SLM (shared by all in-process clients) and, if needed, the server's LLM."""
+    warning = dtype_warning(config.dtype)
+    if warning is not None:
+        log.warning(warning)
     slm = load_client_model(config, config.slm.name)
     llm = None
     if with_llm:
