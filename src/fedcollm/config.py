@@ -192,6 +192,20 @@ class TrainConfig(_Section):
     )
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Split each batch of batch_size examples into this many micro-batches, one "
+        "forward and backward each, one optimiser step per batch: the same steps in less activation "
+        "memory (each micro-batch's loss weighted by its share of the batch's examples, so equal to "
+        "the whole batch's where examples have as many answer tokens). Every trainer.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass instead of keeping them "
+        "(transformers' gradient checkpointing, non-reentrant): less memory for more compute, in "
+        "every trainer (local SFT, the server's distillation and LLM training).",
+    )
     lr_schedule: LrSchedule = Field(
         "per_round",
         description=(

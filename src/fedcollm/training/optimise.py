@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,20 +107,52 @@ def optimise(
     torch.manual_seed(seed)
     for model, _ in models:
         model.train()
+        if cfg.gradient_checkpointing:
+            _checkpointing(model, True)
     history: list[list[float]] = []
-    for order in orders:
-        for index in batches(range(num_examples), cfg.batch_size, order):
-            terms = loss_of(index)
-            terms[0].backward()
-            for model, optimizer, scheduler in stepped:
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            history.append([float(t.detach()) for t in terms])
-            if on_step is not None:
-                on_step(len(history), total, history[-1][0])
-    for model, _ in models:
-        model.eval()
+    try:
+        for order in orders:
+            for index in batches(range(num_examples), cfg.batch_size, order):
+                terms = _accumulated_terms(index, loss_of, cfg.grad_accum_steps)
+                for model, optimizer, scheduler in stepped:
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                history.append(terms)
+                if on_step is not None:
+                    on_step(len(history), total, history[-1][0])
+    finally:
+        for model, _ in models:
+            if cfg.gradient_checkpointing:
+                _checkpointing(model, False)
+            model.eval()
     return len(history), np.mean(history, axis=0) if history else np.zeros(1)
+
+
+def _checkpointing(model: PeftModel, on: bool) -> None:
+    """transformers' activation (gradient) checkpointing on the base model, non-reentrant (so the
+    frozen base needs no input gradients for the LoRA parameters to get theirs)."""
+    # peft types the base model as a plain Module; the methods are transformers'.
+    base: Any = model.get_base_model()
+    if on:
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.activation_checkpointing_disable()
+
+
+def _accumulated_terms(
+    index: list[int], loss_of: Callable[[list[int]], Sequence[torch.Tensor]], micro_batches: int
+) -> list[float]:
+    """Backward of one batch's loss, in `micro_batches` pieces (`train.grad_accum_steps`); the
+    batch's loss terms, each micro-batch's weighted by its share of the examples."""
+    pieces = np.array_split(np.asarray(index), min(micro_batches, len(index)))
+    batch_terms: list[float] = []
+    for piece in pieces:
+        share = len(piece) / len(index)
+        terms = loss_of([int(i) for i in piece])
+        (terms[0] * share).backward()
+        values = [float(t.detach()) * share for t in terms]
+        batch_terms = values if not batch_terms else [a + b for a, b in zip(batch_terms, values, strict=True)]
+    return batch_terms
