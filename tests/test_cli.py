@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fedcollm.cli import app
@@ -43,3 +44,24 @@ def test_eval_prints_accuracy_json_in_the_chosen_dtype(tiny_llama: Path) -> None
         app, ["eval", "--model", str(tiny_llama), "--task", "arc_easy", "--dtype", "fp8"]
     )
     assert bad.exit_code != 0 and "--dtype" in bad.output and "Traceback" not in bad.output
+
+
+def test_eval_on_a_qa_task_generates_and_scores_every_answer(tiny_llama: Path) -> None:
+    import json
+
+    from fedcollm.evaluation.text_metrics import score_text
+
+    result = CliRunner().invoke(
+        app, ["eval", "--model", str(tiny_llama), "--task", "nq_open", "--limit", "3", "--batch-size", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["n"] == 3 and report["split"] == "test" and len(report["examples"]) == 3
+    for example in report["examples"]:
+        scores = score_text(example["prediction"], example["references"])
+        assert (example["exact_match"], example["f1"], example["rouge_l"]) == (
+            scores.exact_match,
+            scores.f1,
+            scores.rouge_l,
+        )
+    assert report["f1"] == pytest.approx(sum(e["f1"] for e in report["examples"]) / 3)

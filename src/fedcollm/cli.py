@@ -245,7 +245,13 @@ def deploy(
 @_reports_bad_input
 def eval_(
     model: Annotated[str, typer.Option(help="Offline alias, hub id, local folder or .gguf file.")],
-    task: Annotated[str, typer.Option(help="Task name, e.g. arc_easy.")],
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Task name: a multiple-choice task (arc_easy, ...) or a short-answer QA task scored "
+            "by generation (nq_open, trivia_qa, arc_easy_gen, arc_challenge_gen)."
+        ),
+    ],
     adapter: Annotated[Path | None, typer.Option(help="A peft adapter folder to apply.")] = None,
     split: Annotated[
         str | None,
@@ -282,6 +288,11 @@ def eval_(
 
     if dtype not in ("auto", *DTYPES):
         raise _fail(f"unknown --dtype {dtype!r}; use 'float32', 'bfloat16' or 'auto'")
+    from fedcollm.data.qa import qa_task_names
+
+    if task in qa_task_names():
+        _eval_generation(model, task, adapter, split or "test", limit, seed, batch_size, dtype)
+        return
     from fedcollm.config import default_eval_split
     from fedcollm.data import load_questions, render, sample_indices
     from fedcollm.evaluation.multiple_choice import evaluate
@@ -306,6 +317,52 @@ def eval_(
         "format": format_,
         "dtype": str(lm.dtype).removeprefix("torch."),
         **result.summary(),
+    }
+    typer.echo(json.dumps(report, indent=2))
+
+
+def _eval_generation(
+    model: str,
+    task: str,
+    adapter: Path | None,
+    split: str,
+    limit: int | None,
+    seed: int,
+    batch_size: int,
+    dtype: str,
+) -> None:
+    """`fedcollm eval` on a short-answer QA task: greedy answers as lm-eval's `generate_until`
+    makes them, exact match, token F1 and Rouge-L, as JSON."""
+    from fedcollm.data import sample_indices
+    from fedcollm.data.qa import load_qa, qa_prompt
+    from fedcollm.evaluation.generation import GenerationSettings, evaluate_generation
+    from fedcollm.lm.loading import load_base_model, load_tokenizer, needs_bos
+    from fedcollm.lm.lora import load_adapter
+    from fedcollm.lm.precision import torch_dtype
+
+    _quiet_libraries()
+    pool = load_qa(task, split)
+    examples = [pool[i] for i in sample_indices(len(pool), limit, seed)]
+    prompts = [qa_prompt(task, e) for e in examples]
+    tokenizer = load_tokenizer(model)
+    lm = load_base_model(model, torch_dtype(dtype))
+    scored = lm if adapter is None else load_adapter(lm, adapter)
+    settings = GenerationSettings(max_new_tokens=32, until=prompts[0].until, batch_size=batch_size)
+    result = evaluate_generation(
+        scored,
+        tokenizer,
+        [(e.id, p.text, e.answers) for e, p in zip(examples, prompts, strict=True)],
+        add_bos=needs_bos(tokenizer),
+        settings=settings,
+    )
+    report = {
+        "model": model,
+        "adapter": str(adapter) if adapter else None,
+        "task": task,
+        "split": split,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        **result.summary(),
+        "examples": [r.as_dict() for r in result.records[:3]],
     }
     typer.echo(json.dumps(report, indent=2))
 
