@@ -40,7 +40,7 @@ class FlowerOptions:
     secagg_quantization_range: int = 0
     """Quantisation levels; 0 = the largest power of two that cannot overflow the modulus."""
     secagg_modulus_range: int = 2**32
-    """Masking modulus (a power of two, at most 2**32 in Flower 1.41)."""
+    """Masking modulus (a power of two, at most 2**32 in Flower 1.42)."""
     secagg_max_weight: float = 0.0
     """Largest example count a client may weigh with; 0 = the round's largest example count."""
     secagg_tolerance: float = 1e-3

@@ -288,7 +288,7 @@ def _secaggplus_workflow() -> type:
     from flwr.server.workflow import SecAggPlusWorkflow
 
     class DropoutSafe(SecAggPlusWorkflow):
-        """Flower 1.41's SecAgg+ workflow, made to survive clients lost before sharing their keys.
+        """Flower 1.42's SecAgg+ workflow, made to survive clients lost before sharing their keys.
 
         Flower's unmask stage asks the survivors for key shares of *every* client sampled at
         setup, so a client that died before the share-keys stage (it has no shares anywhere,

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 class PollingGrid:
     """A Grid whose `send_and_receive` polls often and stops waiting for nodes that went away.
 
-    Flower 1.41's network Grid sleeps 3 s between polls, which adds seconds to every message
+    Flower 1.42's network Grid sleeps 3 s between polls, which adds seconds to every message
     exchange (SecAgg+ makes four per round). And a reply from a SuperNode that died is only
     replaced by an error once the SuperLink has missed its heartbeats; here a message whose
     destination has left the federation's online nodes is given up as soon as that is seen, so
