@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
@@ -67,6 +68,7 @@ def effective_multiplier(noise_multiplier: float, planned: int, received: int) -
     return noise_multiplier * math.sqrt(received / planned)
 
 
+@lru_cache(maxsize=16)  # asked by the server and every client in every round: same answer each time
 def noise_multiplier_for(target_epsilon: float, delta: float, rounds: int) -> float:
     """The smallest σ (Opacus's search, to its precision) that keeps ε ≤ `target_epsilon`."""
     from opacus.accountants.utils import get_noise_multiplier
@@ -124,10 +126,17 @@ class GaussianMechanism:
 
     def clipped_update(self, upload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Arrays:
         """`upload − reference`, scaled to norm ≤ `clip_norm` (float64, so the bound holds exactly)."""
+        return dict(zip(sorted(reference), self._clipped(upload, reference)[0], strict=True))
+
+    def _clipped(
+        self, upload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+    ) -> tuple[list[np.ndarray], float]:
+        """The clipped update in sorted name order, and the update's norm before clipping."""
         update = _difference(upload, reference)
-        if get_norm(update) > self.clip_norm:  # Flower's clip divides by the norm, 0 for no update
+        norm = get_norm(update)
+        if norm > self.clip_norm:  # Flower's clip divides by the norm, 0 for no update
             clip_inputs_inplace(update, self.clip_norm)
-        return dict(zip(sorted(reference), update, strict=True))
+        return update, norm
 
     def noised_upload(
         self,
@@ -154,12 +163,12 @@ class GaussianMechanism:
         """The next global adapter: `reference` + the noised uniform mean of the clipped updates."""
         if not replies:
             raise PrivacyError("no uploads to aggregate")
-        raw_norms = tuple(get_norm(_difference(reply.arrays, reference)) for reply in replies)
-        updates = [self.clipped_update(reply.arrays, reference) for reply in replies]
+        clipped_updates = [self._clipped(reply.arrays, reference) for reply in replies]
+        raw_norms = tuple(norm for _, norm in clipped_updates)
         std = self.noise_std(len(replies))
         arrays: Arrays = {}
-        for name in sorted(reference):
-            mean = np.mean([u[name] for u in updates], axis=0)
+        for position, name in enumerate(sorted(reference)):
+            mean = np.mean([update[position] for update, _ in clipped_updates], axis=0)
             noise = rng.normal(0.0, std, size=mean.shape) if std > 0 else 0.0
             arrays[name] = (np.asarray(reference[name], np.float64) + mean + noise).astype(np.float32)
         clipped = sum(norm > self.clip_norm for norm in raw_norms)
