@@ -9,7 +9,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo smoke test test-fast lint bench clean
+.PHONY: install demo smoke test test-fast lint bench gpu-bundle clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# Wheels the GPU check needs on a bare CUDA machine (docs/gpu.md): scripts/gpu_check.sh installs them.
+gpu-bundle: install
+	$(BIN)/python scripts/gpu_bundle.py .gpu-bundle
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

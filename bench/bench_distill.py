@@ -119,7 +119,7 @@ def measure(slm_name: str, llm_name: str, steps: int, batch_size: int) -> dict[s
     for s in range(steps + 1):
         batch = slice(s * batch_size, (s + 1) * batch_size)
         items_f, items_g = ex_f[batch], ex_g[batch]
-        batch_f, batch_g = collate(items_f, pad_f), collate(items_g, pad_g)
+        batch_f, batch_g = collate(items_f, pad_f, device="cpu"), collate(items_g, pad_g, device="cpu")
         for name in orders[s % 3]:
             set_dropout(models, 0.05 if name == "clean" else 0.0)
             start = time.perf_counter()

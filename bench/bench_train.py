@@ -184,7 +184,7 @@ def accuracy_after_short_run(sizes: Sizes, with_bf16: bool = True) -> dict[str, 
     from fedcollm.config import LoraConfig, TrainConfig
     from fedcollm.data import load_questions, render
     from fedcollm.evaluation.multiple_choice import evaluate
-    from fedcollm.lm.models import load_with_lora
+    from fedcollm.lm.models import Placement, load_with_lora
 
     pass
     from fedcollm.training.sft import train_sft
@@ -196,7 +196,7 @@ def accuracy_after_short_run(sizes: Sizes, with_bf16: bool = True) -> dict[str, 
     predictions = {}
     dtypes = [("float32", torch.float32)] + ([("bfloat16", torch.bfloat16)] if with_bf16 else [])
     for name, dtype in dtypes:
-        lm = load_with_lora(MODEL, LoraConfig(), seed=1, dtype=dtype)
+        lm = load_with_lora(MODEL, LoraConfig(), seed=1, where=Placement(dtype=dtype))
         start = time.perf_counter()
         examples = lm.encode_sft(train, 256)
         trained = train_sft(
@@ -225,7 +225,7 @@ def run(out: Path, quick: bool = False) -> list[Row]:
     quiet()
     from fedcollm.config import LoraConfig
     from fedcollm.lm.encoding import collate
-    from fedcollm.lm.models import load_with_lora
+    from fedcollm.lm.models import Placement, load_with_lora
     from fedcollm.lm.precision import native_bfloat16
 
     sizes = Sizes.quick() if quick else Sizes()
@@ -252,14 +252,14 @@ def run(out: Path, quick: bool = False) -> list[Row]:
         ("bfloat16", torch.bfloat16, False),
         ("autocast", torch.float32, True),
     ):
-        lm = load_with_lora(MODEL, LoraConfig(), seed=0, dtype=dtype)
+        lm = load_with_lora(MODEL, LoraConfig(), seed=0, where=Placement(dtype=dtype))
         examples = fixed_length_examples(lm.tokenizer, n_examples, sizes.length, sizes.answer_tokens)
         seconds = step_times(lm, examples, sizes.batch, autocast=autocast)
         times[variant] = median(seconds)
         report[f"step_s_{variant}"] = seconds
         if variant == "autocast":
             continue
-        flops = count_step_flops(lm.model, collate(examples[: sizes.batch], 0))
+        flops = count_step_flops(lm.model, collate(examples[: sizes.batch], 0, device="cpu"))
         achieved = flops.total / times[variant] / 1e9
         efficiency = 100 * achieved / peaks[variant]
         report[f"flops_{variant}"] = flops.__dict__ | {"total": flops.total}
@@ -337,15 +337,15 @@ def _float32_only(out: Path, report: dict[str, Any], sizes: Sizes, peaks: dict[s
     """The float32 measurements, and each bf16 row marked skipped with the reason."""
     from fedcollm.config import LoraConfig
     from fedcollm.lm.encoding import collate
-    from fedcollm.lm.models import load_with_lora
+    from fedcollm.lm.models import Placement, load_with_lora
 
-    lm = load_with_lora(MODEL, LoraConfig(), seed=0, dtype=torch.float32)
+    lm = load_with_lora(MODEL, LoraConfig(), seed=0, where=Placement(dtype=torch.float32))
     examples = fixed_length_examples(
         lm.tokenizer, sizes.batch * (sizes.steps + 1), sizes.length, sizes.answer_tokens
     )
     seconds = step_times(lm, examples, sizes.batch)
     report["step_s_float32"] = seconds
-    flops = count_step_flops(lm.model, collate(examples[: sizes.batch], 0))
+    flops = count_step_flops(lm.model, collate(examples[: sizes.batch], 0, device="cpu"))
     achieved = flops.total / median(seconds) / 1e9
     rows = [
         Row(

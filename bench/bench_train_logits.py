@@ -54,7 +54,7 @@ def main() -> None:
             encode_pair(lm.tokenizer, r.context, r.continuations[r.gold], add_bos=lm.add_bos)
             for r in requests
         ]
-        batch = collate(items, lm.tokenizer.pad_token_id)
+        batch = collate(items, lm.tokenizer.pad_token_id, device="cpu")
         tokens = int(batch.attention_mask.sum())
         full = _step_time(lm.model, batch, full_logits, args.steps)
         ours = _step_time(lm.model, batch, target_logits, args.steps)

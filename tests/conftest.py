@@ -27,6 +27,12 @@ def tiny_llama_big(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_llama_big` at hidden size 64: wide enough for bitsandbytes' 4-bit CPU kernels."""
+    return make_model(tmp_path_factory.mktemp("tiny-llama-wide"), "llama", seed=1, width=64)
+
+
+@pytest.fixture(scope="session")
 def tiny_other_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama whose tokenizer differs from `tiny_llama`'s (smaller BPE vocabulary)."""
     return make_model(tmp_path_factory.mktemp("tiny-llama-othertok"), "llama", seed=2, vocab_size=270)

@@ -17,7 +17,7 @@ from fedcollm.evaluation.multiple_choice import encode_requests, sequence_loglik
 from fedcollm.lm.encoding import collate, encode_pair
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
 from fedcollm.lm.lora import get_adapter, set_adapter
-from fedcollm.lm.models import load_with_lora
+from fedcollm.lm.models import Placement, load_with_lora
 from fedcollm.training.sft import train_sft
 
 TEXTS = [
@@ -33,14 +33,14 @@ def _lora() -> LoraConfig:
 
 
 def test_bf16_base_keeps_float32_adapters_and_float32_logits(tiny_llama: Path) -> None:
-    lm = load_with_lora(str(tiny_llama), _lora(), seed=0, dtype=torch.bfloat16)
+    lm = load_with_lora(str(tiny_llama), _lora(), seed=0, where=Placement(dtype=torch.bfloat16))
     trainable = [p for p in lm.model.parameters() if p.requires_grad]
     frozen = [p for p in lm.model.parameters() if not p.requires_grad]
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
     assert {p.dtype for p in frozen} == {torch.bfloat16}
     assert lm.model.get_base_model().config._attn_implementation == "eager"  # faster than SDPA in bf16
     assert all(a.dtype == np.float32 for a in get_adapter(lm.model).values())
-    batch = collate([encode_pair(lm.tokenizer, c, a) for c, a in TEXTS], 0)
+    batch = collate([encode_pair(lm.tokenizer, c, a) for c, a in TEXTS], 0, device="cpu")
     logits = target_logits(lm.model, batch)
     assert logits.dtype == torch.float32
     loss = answer_cross_entropy(logits, batch)
@@ -51,9 +51,9 @@ def test_bf16_base_keeps_float32_adapters_and_float32_logits(tiny_llama: Path) -
 def test_bf16_training_lowers_the_loss_and_tracks_fp32(tiny_llama: Path) -> None:
     results, adapters = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
-        lm = load_with_lora(str(tiny_llama), _lora(), seed=0, dtype=dtype)
+        lm = load_with_lora(str(tiny_llama), _lora(), seed=0, where=Placement(dtype=dtype))
         examples = [encode_pair(lm.tokenizer, c, a) for c, a in TEXTS]
-        batch = collate(examples, 0)
+        batch = collate(examples, 0, device="cpu")
         with torch.no_grad():
             before = float(answer_cross_entropy(target_logits(lm.model, batch), batch))
         train_sft(lm.model, examples * 8, pad_id=0, lr=3e-2, cfg=TrainConfig(batch_size=4), seed=0)
@@ -88,7 +88,7 @@ def test_bf16_evaluation_scores_close_to_fp32(tiny_llama: Path) -> None:
     scores = {}
     adapter = None
     for dtype in (torch.float32, torch.bfloat16):
-        lm = load_with_lora(str(tiny_llama), _lora(), seed=0, dtype=dtype)
+        lm = load_with_lora(str(tiny_llama), _lora(), seed=0, where=Placement(dtype=dtype))
         if adapter is None:  # a non-trivial adapter, the same in both
             adapter = {k: np.full_like(v, 0.01) for k, v in get_adapter(lm.model).items()}
         set_adapter(lm.model, adapter)

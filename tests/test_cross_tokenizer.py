@@ -24,7 +24,7 @@ def test_bridge_between_identical_tokenizers_carries_the_teacher_unchanged(
     bridge = TokenBridge.build(tok, tok, cache_dir=tmp_path)
     items = [encode_pair(tok, "Question: The sun is a\nAnswer:", " star. Water boils")]
     logits = torch.randn(items[0].n_target, len(tok))
-    ids, vals = aligned_teacher(logits, items, items, bridge, top_k=5)
+    ids, vals = aligned_teacher(logits, items, items, bridge, top_k=5, device=torch.device("cpu"))
     top_vals, top_ids = logits.topk(5, dim=-1)
     assert torch.equal(ids, top_ids)
     torch.testing.assert_close(vals, top_vals)
@@ -51,7 +51,9 @@ def test_bridge_between_different_tokenizers_gives_a_distribution_for_every_stud
     bridge = TokenBridge.build(teacher, student, cache_dir=tmp_path)
     context, answer = "Question: Rocks are classified as\nAnswer:", " igneous, metamorphic 🌋 岩石"
     t_item, s_item = encode_pair(teacher, context, answer), encode_pair(student, context, answer)
-    ids, vals = aligned_teacher(torch.randn(t_item.n_target, len(teacher)), [t_item], [s_item], bridge, 8)
+    ids, vals = aligned_teacher(
+        torch.randn(t_item.n_target, len(teacher)), [t_item], [s_item], bridge, 8, torch.device("cpu")
+    )
     assert ids.shape == (s_item.n_target, 8)
     assert bool(((ids >= 0).sum(1) >= 1).all())
     assert int(ids.max()) < len(student)

@@ -54,7 +54,7 @@ VALID = " Which gas do plants take in?\nA. oxygen\nB. carbon dioxide\nC. helium\
 
 def test_a_zero_weight_candidate_contributes_exactly_no_gradient() -> None:
     items = [Encoded((5, 6, 7, 8), 2), Encoded((5, 9, 3), 1), Encoded((4, 4, 2, 2, 1), 3)]
-    batch = collate(items, pad_id=0)
+    batch = collate(items, pad_id=0, device="cpu")
     torch.manual_seed(0)
     logits = torch.randn(batch.num_targets, 11, requires_grad=True)
     weights = torch.tensor([1.0, 0.0, 0.5])
@@ -66,13 +66,13 @@ def test_a_zero_weight_candidate_contributes_exactly_no_gradient() -> None:
     assert torch.count_nonzero(logits.grad[~zero_rows]) > 0
     # The zero-weight row does not enter the normaliser either: same loss without it.
     keep = [0, 2]
-    sub = collate([items[i] for i in keep], pad_id=0)
+    sub = collate([items[i] for i in keep], pad_id=0, device="cpu")
     sub_logits = logits.detach()[batch.rows != 1]
     assert torch.allclose(weighted_answer_cross_entropy(sub_logits, sub, weights[keep]), loss.detach())
 
 
 def test_unit_weights_on_one_token_answers_equal_the_plain_task_loss() -> None:
-    batch = collate([Encoded((1, 2, 3), 2), Encoded((4, 5), 1)], pad_id=0)
+    batch = collate([Encoded((1, 2, 3), 2), Encoded((4, 5), 1)], pad_id=0, device="cpu")
     logits = torch.randn(batch.num_targets, 7)
     plain = answer_cross_entropy(logits, batch)
     assert torch.allclose(weighted_answer_cross_entropy(logits, batch, torch.ones(2)), plain)

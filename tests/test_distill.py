@@ -14,7 +14,7 @@ from fedcollm.algorithms.fedcollm.distillation import TokenizerMismatchError, di
 from fedcollm.config import DistillConfig, LoraConfig, TrainConfig
 from fedcollm.lm.encoding import encode_pair
 from fedcollm.lm.lora import get_adapter, set_adapter
-from fedcollm.lm.models import load_with_lora
+from fedcollm.lm.models import Placement, load_with_lora
 from fedcollm.training.kd import kd_loss, kd_loss_sparse
 
 
@@ -66,8 +66,10 @@ def test_kd_loss_is_zero_for_identical_distributions_and_gradient_only_reaches_s
 def test_mutual_distillation_moves_both_adapters_toward_each_other(
     tiny_llama: Path, tiny_llama_big: Path, dtype: torch.dtype
 ) -> None:
-    llm = load_with_lora(str(tiny_llama_big), LoraConfig(r=4, dropout=0.0), seed=0, dtype=dtype)
-    slm = load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=0.0), seed=1, dtype=dtype)
+    llm = load_with_lora(
+        str(tiny_llama_big), LoraConfig(r=4, dropout=0.0), seed=0, where=Placement(dtype=dtype)
+    )
+    slm = load_with_lora(str(tiny_llama), LoraConfig(r=4, dropout=0.0), seed=1, where=Placement(dtype=dtype))
     before_f, before_g = get_adapter(llm.model), get_adapter(slm.model)
     texts = [("Question: Plants need?\nAnswer:", " light"), ("The sun is", " a star")] * 2
     ex_f = [encode_pair(llm.tokenizer, c, a) for c, a in texts]
@@ -229,8 +231,8 @@ def test_teachers_are_dropout_free_eval_mode_logits(
     llm.model.eval()
     slm.model.eval()
     with torch.no_grad():
-        clean_g = target_logits(slm.model, collate(items_g, 0))
-        clean_f = target_logits(llm.model, collate(items_f, 0))
+        clean_g = target_logits(slm.model, collate(items_g, 0, device="cpu"))
+        clean_f = target_logits(llm.model, collate(items_f, 0, device="cpu"))
     torch.testing.assert_close(teachers[0], clean_g)  # L_f's teacher: the SLM
     torch.testing.assert_close(teachers[1], clean_f)  # L_g's teacher: the LLM
 

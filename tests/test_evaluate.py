@@ -83,7 +83,7 @@ def test_batched_scores_equal_one_sequence_at_a_time_reference(tiny_llama: Path)
     reference = []
     with torch.no_grad():
         for seq in encoded.sequences:
-            batch = collate([seq], 0)
+            batch = collate([seq], 0, device="cpu")
             logprobs = torch.log_softmax(full_logits(lm.model, batch), -1)
             reference.append(float(logprobs.gather(1, batch.targets[:, None]).sum()))
     np.testing.assert_allclose(batched, reference, rtol=1e-5, atol=1e-5)
@@ -162,7 +162,7 @@ def test_shared_context_scoring_equals_the_full_forward_of_each_sequence(
         reference = []
         with torch.no_grad():
             for seq in encoded.sequences:
-                batch = collate([seq], 0)
+                batch = collate([seq], 0, device="cpu")
                 logprobs = torch.log_softmax(full_logits(lm.model, batch), -1).double()
                 reference.append(float(logprobs.gather(1, batch.targets[:, None]).sum()))
         for batch_size in (1, 3, 16):

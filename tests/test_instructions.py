@@ -125,7 +125,7 @@ def test_a_chat_template_renders_and_only_the_response_carries_the_loss() -> Non
         prompt_ids = prompt_ids["input_ids"]
     assert list(encoded.input_ids[: encoded.n_context]) == list(prompt_ids)
     assert tokenizer.decode(encoded.answer_ids) == "Blue.<|im_end|>\n"
-    batch = collate([encoded], pad_id=0)
+    batch = collate([encoded], pad_id=0, device="cpu")
     assert batch.targets.tolist() == list(encoded.answer_ids)  # the loss sees the response only
 
 

@@ -79,7 +79,7 @@ def test_target_logits_equal_the_models_own_logits(tiny_arch: Path) -> None:
         encode_pair(lm.tokenizer, "Question: Plants need?\nAnswer:", " light"),
         encode_pair(lm.tokenizer, "The sun is", " a star. Water boils"),
     ]
-    batch = collate(items, lm.tokenizer.pad_token_id)
+    batch = collate(items, lm.tokenizer.pad_token_id, device="cpu")
     ours = target_logits(lm.model, batch)
     reference = full_logits(lm.model, batch)
     assert ours.shape == (batch.num_targets, reference.shape[-1])

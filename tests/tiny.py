@@ -91,10 +91,19 @@ def _configs(vocab: int) -> dict[str, object]:
 ARCHITECTURES = tuple(_configs(10))
 
 
-def make_model(folder: Path, arch: str = "llama", seed: int = 0, vocab_size: int = 300) -> Path:
-    """Save a tiny random model of `arch` with the tiny tokenizer into `folder`; return it."""
+def make_model(
+    folder: Path, arch: str = "llama", seed: int = 0, vocab_size: int = 300, width: int | None = None
+) -> Path:
+    """Save a tiny random model of `arch` with the tiny tokenizer into `folder`; return it.
+
+    `width` sets a Llama's hidden size (MLP twice that): bitsandbytes' 4-bit CPU kernels need
+    every quantised layer's output a multiple of 32 and its input of 64.
+    """
     tokenizer = make_tokenizer(folder, vocab_size)
     config = _configs(len(tokenizer))[arch]
+    if width is not None:
+        config.hidden_size, config.intermediate_size = width, 2 * width
+        config.head_dim = width // config.num_attention_heads
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)

@@ -23,6 +23,8 @@ from fedcollm.errors import FedcollmError
 from fedcollm.protocol import Reporter
 
 if TYPE_CHECKING:
+    import torch
+
     from fedcollm.config import ExperimentConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -91,6 +93,9 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING)
+    # peft imports bitsandbytes where it is installed, which logs at import that an optional
+    # faster CPU kernel package is absent; its own fallback is what runs, correctly.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _print_plan(cfg: ExperimentConfig, secure_aggregation: bool = False) -> None:
@@ -100,6 +105,21 @@ def _print_plan(cfg: ExperimentConfig, secure_aggregation: bool = False) -> None
     console.print(f"[bold]{cfg.name}[/]: {cfg.algorithm} (dry run, nothing trained)")
     for line in lines:
         typer.echo(f"{line.label:>10}: {line.value}")
+
+
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help='Where the models compute: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or '
+        "\"mps\" (the experiment's `device`; a model's own `device` still wins).",
+    ),
+]
+
+
+def _with_device(overrides: list[str] | None, device: str | None) -> list[str]:
+    """`--set` overrides with `--device X` as one more: `device=X`."""
+    return [*(overrides or []), *([f"device={device}"] if device is not None else [])]
 
 
 @app.command()
@@ -126,6 +146,10 @@ def run(
     secagg: Annotated[
         bool, typer.Option(help="With --engine flower: aggregate adapter uploads with SecAgg+.")
     ] = False,
+    gpus_per_client: Annotated[
+        float,
+        typer.Option(help="With --engine flower: share of a GPU per client actor (0.25 = four per GPU)."),
+    ] = 0.0,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -133,6 +157,7 @@ def run(
             help="Check the config, data and models offline as the run would, print the plan; train nothing.",
         ),
     ] = False,
+    device: DeviceOption = None,
 ) -> None:
     """Run an experiment (embedded engine, or Flower simulation) and write its run folder."""
     from fedcollm.config import load_config
@@ -141,10 +166,11 @@ def run(
     _quiet_libraries()
     if engine not in ENGINES:
         raise _fail(f"unknown --engine {engine!r}; use one of: {', '.join(ENGINES)}")
+    overrides = _with_device(set_, device)
     if resume is not None:
-        cfg, out = _resumed_experiment(resume, config, set_ or [], out, overwrite)
+        cfg, out = _resumed_experiment(resume, config, overrides, out, overwrite)
     else:
-        cfg = load_config(config or DEFAULT_CONFIG, set_ or [])
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
         out = out or Path("runs") / cfg.name
     if dry_run:
         _print_plan(cfg, secure_aggregation=engine == "flower" and secagg)
@@ -160,7 +186,7 @@ def run(
         if engine == "flower":
             from fedcollm.engines.flower.options import FlowerOptions
 
-            flower = FlowerOptions(secagg=secagg)
+            flower = FlowerOptions(secagg=secagg, gpus_per_client=gpus_per_client)
         run_experiment(
             cfg,
             out,
@@ -210,6 +236,7 @@ def deploy(
     secagg: Annotated[bool, typer.Option(help="Aggregate adapter uploads with SecAgg+.")] = True,
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and SuperLink (local test CA).")] = True,
     auth: Annotated[bool, typer.Option(help="Only registered SuperNodes may connect (needs TLS).")] = False,
+    device: DeviceOption = None,
 ) -> None:
     """Run an experiment on Flower's deployment engine: a SuperLink and one SuperNode per client,
     each a separate process on 127.0.0.1 (docs/deployment.md shows the same on real machines)."""
@@ -218,7 +245,8 @@ def deploy(
     from fedcollm.engines.flower.deploy import deploy_experiment
 
     _quiet_libraries()
-    cfg = load_config(config, set_ or [])
+    set_ = _with_device(set_, device)
+    cfg = load_config(config, set_)
     check_config(cfg, str(config), secure_aggregation=secagg)
     out = out or Path("runs") / cfg.name
     console.print(
@@ -269,6 +297,12 @@ def eval_(
             '"bfloat16" or "auto" (bfloat16 on CPUs with native bf16: about twice as fast).'
         ),
     ] = "float32",
+    device: Annotated[
+        str, typer.Option(help='"auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".')
+    ] = "auto",
+    quantization: Annotated[
+        str, typer.Option(help='Base weights: "none", "8bit" or "4bit" (NF4; bitsandbytes).')
+    ] = "none",
     harness: Annotated[
         str,
         typer.Option(
@@ -279,19 +313,26 @@ def eval_(
     ] = "fedcollm",
 ) -> None:
     """Zero-shot accuracy of a model (optionally with an adapter) on a task, as JSON."""
+    from fedcollm.lm.devices import resolve_device
+
     if harness == "lm-eval":
-        _eval_with_lm_eval(model, task, adapter, limit, batch_size)
+        _eval_with_lm_eval(model, task, adapter, limit, batch_size, str(resolve_device(device, "--device")))
         return
     if harness != "fedcollm":
         raise _fail(f"unknown --harness {harness!r}; use 'fedcollm' or 'lm-eval'")
     from fedcollm.lm.precision import DTYPES
 
     if dtype not in ("auto", *DTYPES):
-        raise _fail(f"unknown --dtype {dtype!r}; use 'float32', 'bfloat16' or 'auto'")
+        raise _fail(f"unknown --dtype {dtype!r}; use 'auto' or one of {', '.join(map(repr, DTYPES))}")
+    on = resolve_device(device, "--device")
+    if quantization not in ("none", "8bit", "4bit"):
+        raise _fail(f"unknown --quantization {quantization!r}; use 'none', '8bit' or '4bit'")
     from fedcollm.data.qa import qa_task_names
 
     if task in qa_task_names():
-        _eval_generation(model, task, adapter, split or "test", limit, seed, batch_size, dtype)
+        _eval_generation(
+            model, task, adapter, split or "test", limit, seed, batch_size, dtype, on, quantization
+        )
         return
     from fedcollm.config import default_eval_split
     from fedcollm.data import load_questions, render, sample_indices
@@ -306,7 +347,7 @@ def eval_(
     questions = [pool[i] for i in sample_indices(len(pool), limit, seed)]
     requests = [render(task, q, format_) for q in questions]
     tokenizer = load_tokenizer(model)
-    lm = load_base_model(model, torch_dtype(dtype))
+    lm = load_base_model(model, torch_dtype(dtype, on), device=on, quantization=quantization)
     scored = lm if adapter is None else load_adapter(lm, adapter)
     result = evaluate(scored, tokenizer, requests, add_bos=needs_bos(tokenizer), batch_size=batch_size)
     report = {
@@ -316,6 +357,8 @@ def eval_(
         "split": split,
         "format": format_,
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(on),
+        "quantization": quantization,
         **result.summary(),
     }
     typer.echo(json.dumps(report, indent=2))
@@ -330,6 +373,8 @@ def _eval_generation(
     seed: int,
     batch_size: int,
     dtype: str,
+    device: torch.device,
+    quantization: str,
 ) -> None:
     """`fedcollm eval` on a short-answer QA task: greedy answers as lm-eval's `generate_until`
     makes them, exact match, token F1 and Rouge-L, as JSON."""
@@ -345,7 +390,7 @@ def _eval_generation(
     examples = [pool[i] for i in sample_indices(len(pool), limit, seed)]
     prompts = [qa_prompt(task, e) for e in examples]
     tokenizer = load_tokenizer(model)
-    lm = load_base_model(model, torch_dtype(dtype))
+    lm = load_base_model(model, torch_dtype(dtype, device), device=device, quantization=quantization)
     scored = lm if adapter is None else load_adapter(lm, adapter)
     settings = GenerationSettings(max_new_tokens=32, until=prompts[0].until, batch_size=batch_size)
     result = evaluate_generation(
@@ -361,6 +406,8 @@ def _eval_generation(
         "task": task,
         "split": split,
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(device),
+        "quantization": quantization,
         **result.summary(),
         "examples": [r.as_dict() for r in result.records[:3]],
     }
@@ -368,7 +415,7 @@ def _eval_generation(
 
 
 def _eval_with_lm_eval(
-    model: str, task: str, adapter: Path | None, limit: int | None, batch_size: int
+    model: str, task: str, adapter: Path | None, limit: int | None, batch_size: int, device: str
 ) -> None:
     """`fedcollm eval --harness lm-eval`: lm-eval's own task on the model (+ adapter), as JSON."""
     from fedcollm.evaluation.harness import run_lm_eval
@@ -377,7 +424,12 @@ def _eval_with_lm_eval(
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise _fail(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
     results = run_lm_eval(
-        model, task, adapter=str(adapter) if adapter else None, limit=limit, batch_size=batch_size
+        model,
+        task,
+        adapter=str(adapter) if adapter else None,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
     )
     report = {"model": model, "adapter": str(adapter) if adapter else None, "harness": "lm-eval", **results}
     typer.echo(json.dumps(report, indent=2))
@@ -416,6 +468,7 @@ def compare(
     out: Annotated[
         Path | None, typer.Option(help="Comparison folder (default: runs/compare-<name>).")
     ] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Run every method on every task with the same partition, seeds and evaluation set; write
     the paper's Tables 1-3 (markdown and CSV) and accuracy-per-round plots."""
@@ -424,7 +477,7 @@ def compare(
     from fedcollm.experiment.compare import run_comparison
 
     _quiet_libraries()
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, _with_device(set_, device))
     methods = methods or list(cfg.compare.methods)
     tasks = tasks or cfg.compare.tasks or [cfg.task.name]
     seed_list = _seed_list(seeds) if seeds is not None else cfg.compare.seeds or [cfg.seed]

@@ -7,6 +7,7 @@ complete recipe of that run. Unknown keys are refused with the closest valid nam
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -67,6 +68,34 @@ def _known_algorithm_name(value: Any) -> Any:
     return value
 
 
+DEVICE_SPELLING = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+"""What a `device` setting may say; `fedcollm.lm.devices.resolve_device` checks it exists."""
+
+DEVICE_HELP = '"auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"'
+
+
+def _device_spelling(value: Any) -> Any:
+    """A clear error for a device setting that names no device kind fedcollm knows."""
+    if isinstance(value, str) and not DEVICE_SPELLING.fullmatch(value):
+        raise ValueError(f"unknown device {value!r}; use {DEVICE_HELP}")
+    return value
+
+
+def with_device(config: ExperimentConfig, device: str, origin: str) -> ExperimentConfig:
+    """`config` with every model on `device` (a node's or the command line's override of the
+    experiment's and each model's `device`); `origin` names where the setting came from."""
+    if not DEVICE_SPELLING.fullmatch(device):
+        raise ConfigError(f"{origin}: unknown device {device!r}; use {DEVICE_HELP}")
+    update: dict[str, Any] = {"device": device, "slm": config.slm.model_copy(update={"device": None})}
+    if config.llm is not None:
+        update["llm"] = config.llm.model_copy(update={"device": None})
+    return config.model_copy(update=update)
+
+
+Quantization = Literal["none", "8bit", "4bit"]
+"""How a frozen base model's linear weights are stored (`quantization`; bitsandbytes)."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -88,6 +117,28 @@ class ModelConfig(_Section):
     name: str = Field(..., description="Offline alias, hub id, local folder or .gguf file.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     lr: float = Field(2e-4, gt=0, description="Learning rate of this model's adapter.")
+    device: str | None = Field(
+        None,
+        description=f"Where this model computes: {DEVICE_HELP}; unset = the experiment's `device`. "
+        "Lets the server's LLM and SLM sit on different devices.",
+    )
+    quantization: Quantization = Field(
+        "none",
+        description='Storage of the frozen base weights: "none", "8bit" (LLM.int8) or "4bit" (NF4 '
+        "with double quantisation; QLoRA). bitsandbytes; the adapter stays float32, and the "
+        "compute dtype is the experiment's `dtype`.",
+    )
+    device_map: Literal["auto"] | None = Field(
+        None,
+        description='"auto": spread the base model over the visible GPUs and offload the rest to the '
+        "CPU (accelerate), for a model larger than one device; overrides `device`. Unset = the "
+        "whole model on its device.",
+    )
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _known_device(cls, value: Any) -> Any:
+        return _device_spelling(value)
 
 
 class TaskConfig(_Section):
@@ -465,11 +516,17 @@ class ExperimentConfig(_Section):
         "fedcollm", description=f"The algorithm to run: {', '.join(ALGORITHM_NAMES)}."
     )
     seed: int = Field(0, description="Seeds partition, LoRA init, shuffling, dropout, evaluation subset.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Compute dtype of the frozen base models (adapters stay float32). auto: bfloat16 "
-        "where the hardware computes it natively (CPU with AVX-512 BF16 or AMX), else float32; "
-        "same accuracy, faster training and evaluation (bench/README.md).",
+        description="Compute dtype of the frozen base models (adapters, optimiser state and losses "
+        "stay float32). auto: per model, on its device: bfloat16 where the device computes it "
+        "natively (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), float16 with loss scaling on a "
+        "CUDA GPU without bf16, else float32.",
+    )
+    device: str = Field(
+        "auto",
+        description=f"Where the models compute: {DEVICE_HELP}. `--device` sets it; a model's own "
+        "`device` and a SuperNode's `--node-config device=...` override it.",
     )
     report_to: list[ReportBackend] = Field(
         default_factory=list,
@@ -498,6 +555,11 @@ class ExperimentConfig(_Section):
     @classmethod
     def _known_algorithm(cls, value: Any) -> Any:
         return _known_algorithm_name(value)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _known_device(cls, value: Any) -> Any:
+        return _device_spelling(value)
 
     @field_validator("report_to", mode="before")
     @classmethod

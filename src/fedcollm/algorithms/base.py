@@ -37,6 +37,8 @@ class Algorithm(ABC):
     """Whether `aggregate_fit` is a weighted mean that secure aggregation may compute instead."""
     aggregates_adapters: ClassVar[bool] = True
     """Whether `aggregate_fit` averages the clients' adapters (what client-level DP noises)."""
+    trains_llm_and_slm_together: ClassVar[bool] = False
+    """Whether the server trains its LLM and SLM in one step (both activations at once in memory)."""
     evaluates_on_clients: ClassVar[bool] = False
     """Whether clients evaluate their own SLMs (when the server never holds their adapters)."""
     server_state_keys: ClassVar[tuple[str, ...]] = ()

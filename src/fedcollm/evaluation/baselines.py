@@ -27,6 +27,7 @@ import numpy as np
 from peft import PeftModel
 
 from fedcollm.evaluation.multiple_choice import EncodedRequests
+from fedcollm.lm.devices import model_device
 from fedcollm.lm.lora import adapter_is_identity
 
 FORMAT = 1
@@ -34,10 +35,14 @@ FORMAT = 1
 
 
 def baseline_key(name: str, model: PeftModel, encoded: EncodedRequests, batch_size: int) -> str:
-    """The key of one base-model evaluation: model name, weight dtype, batch size, sequences."""
+    """The key of one base-model evaluation: model name, weight dtype, batch size, sequences, and
+    the device type where it is not the CPU (kernels differ in rounding between devices)."""
     dtypes = sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad} or {"none"})
+    device = model_device(model).type
     digest = hashlib.sha256()
-    digest.update(json.dumps([FORMAT, name, dtypes, batch_size]).encode())
+    digest.update(
+        json.dumps([FORMAT, name, dtypes, batch_size, *([device] if device != "cpu" else [])]).encode()
+    )
     for sequence, question in zip(encoded.sequences, encoded.question_of, strict=True):
         digest.update(json.dumps([question, sequence.n_context, sequence.input_ids]).encode())
     for request in encoded.requests:

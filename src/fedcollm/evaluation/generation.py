@@ -29,6 +29,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from fedcollm.errors import FedcollmError
 from fedcollm.evaluation.multiple_choice import context_window
 from fedcollm.evaluation.text_metrics import TextScores, score_text
+from fedcollm.lm.devices import model_device
 from fedcollm.lm.encoding import pad_id
 
 
@@ -132,7 +133,7 @@ def generate_until(
     torch.manual_seed(seed)
     answers: dict[int, str] = {}
     total = -(-len(order) // settings.batch_size)
-    device = next(model.parameters()).device
+    device = model_device(model)
     for b, start in enumerate(range(0, len(order), settings.batch_size)):
         rows = order[start : start + settings.batch_size]
         length = max(len(encoded[i]) for i in rows)

@@ -244,8 +244,10 @@ def run_lm_eval(
     adapter: str | None = None,
     limit: int | None = None,
     batch_size: int = 16,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run lm-eval's own `task` (by its lm-eval name; data from the hub) on a model + adapter.
+    """Run lm-eval's own `task` (by its lm-eval name; data from the hub) on a model + adapter,
+    on `device` (lm-eval's HFLM places the model there itself).
 
     `model` is anything `fedcollm.lm.loading.resolve_model` accepts (offline aliases become their
     converted folders). Returns lm-eval's results, made JSON-serialisable.
@@ -253,7 +255,7 @@ def run_lm_eval(
     from fedcollm.lm.loading import resolve_model
 
     task_dict = load_tasks([task])  # first: offline, this fails fast, before the model loads
-    lm = hf_lm(resolve_model(model), peft=adapter, batch_size=batch_size)
+    lm = hf_lm(resolve_model(model), peft=adapter, batch_size=batch_size, device=device)
     results = simple_evaluate(lm, task_dict, limit=limit)
     from lm_eval.utils import handle_non_serializable
 

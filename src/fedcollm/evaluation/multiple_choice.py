@@ -21,6 +21,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.data import MCRequest
 from fedcollm.lm import encoding
+from fedcollm.lm.devices import model_device, to_numpy
 from fedcollm.lm.encoding import Encoded, encode_pair
 from fedcollm.lm.logits import decoder_of, head_logits
 
@@ -176,16 +177,20 @@ def _batches(groups: list[_PrefixGroup], batch_size: int) -> list[list[_PrefixGr
     return out
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded ids [B, L] (right-padded, or left-padded with `left`) and their attention mask."""
+def _pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids [B, L] (right-padded, or left-padded with `left`) and their attention mask, on
+    `device` (laid out on the host, moved once)."""
     length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    host = torch.device("cpu")
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=host)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=host)
     for i, row in enumerate(rows):
         span = slice(length - len(row), length) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        ids[i, span] = torch.tensor(row, dtype=torch.long, device=host)
         mask[i, span] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _score_batch(
@@ -204,19 +209,20 @@ def _score_batch(
     the suffix positions, i.e. at the positions that predict continuation tokens.
     """
     decoder = decoder_of(model)
+    device = model_device(model)
     rows = [(g, row) for g, group in enumerate(groups) for row in group.rows]
-    suffix_ids, suffix_mask = _pad([row.tokens for _, row in rows], pad_id)
+    suffix_ids, suffix_mask = _pad([row.tokens for _, row in rows], pad_id, device)
     length = suffix_ids.shape[1]
     if groups[0].prefix:
-        prefix_ids, prefix_mask = _pad([group.prefix for group in groups], pad_id, left=True)
+        prefix_ids, prefix_mask = _pad([group.prefix for group in groups], pad_id, device, left=True)
         prefix_positions = (prefix_mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = decoder(
             input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions, use_cache=True
         ).past_key_values
-        of_row = torch.tensor([g for g, _ in rows], dtype=torch.long)
+        of_row = torch.tensor([g for g, _ in rows], dtype=torch.long, device=device)
         cache.reorder_cache(of_row)
         attention = torch.cat([prefix_mask[of_row], suffix_mask], dim=1)
-        positions = prefix_mask.sum(dim=1)[of_row].unsqueeze(1) + torch.arange(length)
+        positions = prefix_mask.sum(dim=1)[of_row].unsqueeze(1) + torch.arange(length, device=device)
         hidden = decoder(
             input_ids=suffix_ids,
             attention_mask=attention,
@@ -225,11 +231,11 @@ def _score_batch(
             use_cache=True,
         ).last_hidden_state
     else:
-        positions = torch.arange(length).expand(len(rows), length)
+        positions = torch.arange(length, device=device).expand(len(rows), length)
         hidden = decoder(
             input_ids=suffix_ids, attention_mask=suffix_mask, position_ids=positions, use_cache=False
         ).last_hidden_state
-    logprobs = torch.log_softmax(head_logits(model, hidden[suffix_mask.bool()]), dim=-1).double()
+    logprobs = torch.log_softmax(head_logits(model, hidden[suffix_mask.bool().to(hidden.device)]), dim=-1)
     starts = np.concatenate([[0], np.cumsum([len(row.tokens) for _, row in rows])[:-1]])
     where: list[int] = []
     targets: list[int] = []
@@ -240,13 +246,13 @@ def _score_batch(
             where += range(int(start), int(start) + seq.n_target)
             targets += seq.input_ids[seq.n_context :]
             owner += [i] * seq.n_target
-    picked = logprobs[torch.tensor(where), torch.tensor(targets)]
+    on_device = logprobs.device
+    picked = logprobs[torch.tensor(where, device=on_device), torch.tensor(targets, device=on_device)]
     members = sorted({i for _, row in rows for i in row.members})
     index = {i: k for k, i in enumerate(members)}
-    sums = torch.zeros(len(members), dtype=torch.float64).index_add_(
-        0, torch.tensor([index[i] for i in owner]), picked
-    )
-    out[members] = sums.numpy()
+    # Summed in float64 on the host (MPS has no float64): exactly the sums of the float32 terms.
+    owners = np.asarray([index[i] for i in owner], dtype=np.int64)
+    out[members] = np.bincount(owners, weights=to_numpy(picked).astype(np.float64), minlength=len(members))
 
 
 @torch.no_grad()

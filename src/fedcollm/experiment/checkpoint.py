@@ -52,6 +52,11 @@ def rng_state() -> dict[str, Any]:
         "python": [list(internal), version, gauss],
         "numpy": [np_state[0], np.asarray(np_state[1]).tolist(), *map(_plain, np_state[2:])],
         "torch": torch.get_rng_state().tolist(),
+        **(
+            {"cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()]}
+            if torch.cuda.is_available()
+            else {}
+        ),
     }
 
 
@@ -64,7 +69,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8, device="cpu"))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8, device="cpu") for s in cuda])
 
 
 @dataclass

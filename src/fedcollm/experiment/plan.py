@@ -1,74 +1,26 @@
 """What an experiment will do, checked offline before anything trains (`fedcollm run --dry-run`).
 
-Adapter sizes come from the model's configuration alone: the model is built on PyTorch's meta
-device (no weights, no memory), LoRA is attached, and the parameters are counted. This needs only
-`config.json` (offline alias, local folder, or a hub id already in the local HF cache).
+Adapter sizes and the memory plan come from the models' configurations alone
+(`fedcollm.experiment.sizes`, `fedcollm.experiment.memory`); the checks are the ones every run
+makes before it loads a weight (`fedcollm.experiment.setup`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedcollm.algorithms import ALGORITHMS, check_config
-from fedcollm.config import ConfigError, ExperimentConfig, LoraConfig, build_config
+from fedcollm.config import ConfigError, ExperimentConfig, build_config
 from fedcollm.data import Partition
+from fedcollm.experiment.memory import DeviceMemory, memory_plan, placed_device, refuse_what_does_not_fit
 from fedcollm.experiment.setup import check_data, check_models
-from fedcollm.lm.loading import ModelError, resolve_model
-from fedcollm.lm.lora import LORA_TARGETS
+from fedcollm.experiment.sizes import AdapterSize, adapter_size, local_model_config
+from fedcollm.lm.devices import available_devices
 from fedcollm.lm.precision import dtype_text, dtype_warning
 from fedcollm.parties.data import ExperimentData
-
-
-@dataclass(frozen=True)
-class AdapterSize:
-    """Parameters of the full base model and of its LoRA adapter (the paper's Table 3)."""
-
-    full_params: int
-    adapter_params: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.adapter_params / self.full_params
-
-
-def adapter_size(model_config: PretrainedConfig, lora: LoraConfig) -> AdapterSize:
-    """Count base and LoRA parameters of an architecture without materialising any weight."""
-    targets = list(lora.target_modules) or LORA_TARGETS.get(model_config.model_type)
-    if not targets:
-        raise ModelError(f"no default LoRA targets for {model_config.model_type!r}; set lora.target_modules")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    full = sum(p.numel() for p in model.parameters())
-    peft_model = get_peft_model(
-        model,
-        PeftLoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r is float math
-            lora_dropout=lora.dropout,
-            target_modules=targets,
-        ),
-    )
-    adapter = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return AdapterSize(full, adapter)
-
-
-def local_model_config(name: str) -> PretrainedConfig | None:
-    """A model's configuration if it is available without the network, else None (a hub id
-    not in the local cache). A name that can never load raises `ModelError`."""
-    source = resolve_model(name)
-    try:
-        return AutoConfig.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        if Path(source).is_dir():
-            raise ModelError(f"model {name!r}: cannot read {Path(source) / 'config.json'}: {exc}") from None
-        return None
 
 
 def variant(base: ExperimentConfig, task: str, method: str) -> ExperimentConfig:
@@ -149,10 +101,14 @@ def plan(
     tasks: Sequence[str] | None = None,
     *,
     secure_aggregation: bool = False,
+    devices: Sequence[str] | None = None,
+    capacities: Mapping[str, int | None] | None = None,
 ) -> list[PlanLine]:
     """The plan of a run (or comparison), raising what a run would raise on what cannot work.
 
     `secure_aggregation`: the run aggregates with SecAgg+ (`--engine flower --secagg`).
+    `devices` and `capacities` stand for this machine's devices and their memory (a plan for
+    another machine; tests): a method whose memory plan does not fit raises `MemoryPlanError`.
     """
     methods = list(methods or [config.algorithm])
     tasks = list(tasks or [config.task.name])
@@ -176,10 +132,19 @@ def plan(
         ),
         *(PlanLine(f"{task} split", split_text(data.split)) for task, data in loaded.items()),
         PlanLine("evaluation", f"{config.eval_split}, {config.eval.limit or 'all'} questions"),
-        PlanLine("dtype", f"base models in {dtype_text(config.dtype)}, adapters in float32"),
-        *([PlanLine("warning", warning)] if (warning := dtype_warning(config.dtype)) else []),
     ]
     roles = [("slm", config.slm)] + ([("llm", config.llm)] if config.llm is not None else [])
+    placed = {
+        role: placed_device(config, model, role, devices or available_devices()) for role, model in roles
+    }
+    for role, model in roles:
+        where = torch.device(placed[role])
+        storage = "" if model.quantization == "none" else f", weights {model.quantization}"
+        lines.append(PlanLine(f"{role} on", f"{where} in {dtype_text(config.dtype, where)}{storage}"))
+        warning = dtype_warning(config.dtype, where)
+        if warning:
+            lines.append(PlanLine("warning", warning))
+    lines.append(PlanLine("adapters", "float32 (weights, gradients, AdamW state)"))
     for role, model in roles:
         model_config = local_model_config(model.name)
         if model_config is None:
@@ -191,6 +156,33 @@ def plan(
                 f"adapter {s.adapter_params / 1e6:.3f} M ({s.percent:.2f}%)"
             )
         lines.append(PlanLine(role, f"{model.name}: {size}"))
+    lines += _memory_lines(config, methods, loaded[tasks[0]], devices, capacities)
+    return lines
+
+
+def _memory_lines(
+    config: ExperimentConfig,
+    methods: Sequence[str],
+    data: ExperimentData,
+    devices: Sequence[str] | None,
+    capacities: Mapping[str, int | None] | None,
+) -> list[PlanLine]:
+    """Per device, the largest estimated peak over the methods; refused where one does not fit."""
+    largest: dict[str, DeviceMemory] = {}
+    unknown: set[str] = set()
+    for method in methods:
+        run = _run_of(config, config.task.name, method)
+        memory, missing = memory_plan(run, ALGORITHMS[method], data, devices=devices, capacities=capacities)
+        unknown.update(missing)
+        refuse_what_does_not_fit(memory)
+        for device in memory:
+            if device.device not in largest or device.peak > largest[device.device].peak:
+                largest[device.device] = device
+    lines = [PlanLine(f"memory {device}", plan.text()) for device, plan in largest.items()]
+    if unknown:
+        lines.append(
+            PlanLine("memory", f"not estimated for {', '.join(sorted(unknown))} (no config offline)")
+        )
     return lines
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedcollm.algorithms import ALGORITHMS, Algorithm, check_config
 from fedcollm.config import ConfigError, ExperimentConfig
+from fedcollm.experiment.memory import memory_plan, refuse_what_does_not_fit
 from fedcollm.experiment.recording import RunRecorder
 from fedcollm.lm.loading import resolve_model
 from fedcollm.parties.data import ExperimentData
@@ -66,6 +67,8 @@ def prepare_server(
     data = ExperimentData.load(config)
     check_data(type(algorithm), config, data)
     check_models(config, [type(algorithm)])
+    memory, _ = memory_plan(config, type(algorithm), data)
+    refuse_what_does_not_fit(memory)  # before any weight loads or the run folder is claimed
     recorder = RunRecorder(out, config, overwrite=overwrite, resume=resume)
     reporter.phase("loading models")
     slm, llm = load_models(config, with_llm=algorithm.uses_llm)

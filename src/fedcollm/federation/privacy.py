@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
 from fedcollm.config import PrivacyConfig
 from fedcollm.errors import FedcollmError
@@ -122,6 +121,8 @@ class GaussianMechanism:
 
     def noise_std(self, num_clients: int) -> float:
         """The noise standard deviation on the mean of `num_clients` clipped updates."""
+        from flwr.supercore.differential_privacy import compute_stdv  # flwr: only where DP runs
+
         return compute_stdv(self.noise_multiplier, self.clip_norm, num_clients)
 
     def clipped_update(self, upload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Arrays:
@@ -132,6 +133,8 @@ class GaussianMechanism:
         self, upload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
     ) -> tuple[list[np.ndarray], float]:
         """The clipped update in sorted name order, and the update's norm before clipping."""
+        from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
         update = _difference(upload, reference)
         norm = get_norm(update)
         if norm > self.clip_norm:  # Flower's clip divides by the norm, 0 for no update

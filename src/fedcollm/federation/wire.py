@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedcollm.errors import FedcollmError
+from fedcollm.lm.devices import from_numpy, to_numpy
 
 TransportDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -39,18 +40,22 @@ ROUNDTRIP_RELATIVE_ERROR: dict[str, float] = {"float32": 0.0, "float16": 2.0**-1
 """Bound on |decode(encode(x)) - x| / |x| for x in the normal range of the transport dtype."""
 
 
+HOST = torch.device("cpu")
+"""Where wire arrays are converted: they travel from and to the host."""
+
+
 def encode_bfloat16(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 (round to nearest even), returned as its uint16 bit pattern."""
-    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-    return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()
+    tensor = from_numpy(np.asarray(values, dtype=np.float32), HOST)
+    return to_numpy(tensor.to(torch.bfloat16).view(torch.int16)).view(np.uint16).copy()
 
 
 def decode_bfloat16(bits: np.ndarray) -> np.ndarray:
     """The uint16 bit pattern of bfloat16 values -> float32 (exact)."""
     if bits.dtype != np.uint16:
         raise TransportDtypeError(f"bfloat16 arrays travel as uint16 bit patterns, got {bits.dtype}")
-    tensor = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16))
-    return tensor.view(torch.bfloat16).to(torch.float32).numpy()
+    tensor = from_numpy(np.ascontiguousarray(bits).view(np.int16), HOST)
+    return to_numpy(tensor.view(torch.bfloat16).to(torch.float32))
 
 
 def encode(arrays: Mapping[str, np.ndarray], dtype: TransportDtype) -> dict[str, np.ndarray]:

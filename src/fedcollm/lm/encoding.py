@@ -103,7 +103,7 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 class Batch:
     """Right-padded token ids and a mask of the positions whose *next* token is a target."""
 
-    input_ids: torch.Tensor  # [B, L] long
+    input_ids: torch.Tensor  # [B, L] long, on the device of the model it is for
     attention_mask: torch.Tensor  # [B, L] long
     predict_mask: torch.Tensor  # [B, L] bool: position i predicts target token i+1
     targets: torch.Tensor  # [P] long: the target tokens, row-major over predict_mask
@@ -114,23 +114,29 @@ class Batch:
         return int(self.targets.numel())
 
 
-def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
-    """Batch sequences with right padding (positions stay 0..n-1, as in an unpadded pass)."""
+def collate(items: Sequence[Encoded], pad_id: int, *, device: torch.device | str) -> Batch:
+    """Batch sequences with right padding (positions stay 0..n-1, as in an unpadded pass), on
+    `device` (the model's: `fedcollm.lm.devices.model_device`).
+
+    The batch is laid out on the host and moved once: a few small copies, not one per row.
+    """
     if not items:
         raise ValueError("cannot collate an empty batch")
     length = max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(items), length), dtype=torch.long)
-    predict = torch.zeros((len(items), length), dtype=torch.bool)
+    host = torch.device("cpu")
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long, device=host)
+    attention = torch.zeros((len(items), length), dtype=torch.long, device=host)
+    predict = torch.zeros((len(items), length), dtype=torch.bool, device=host)
     for row, item in enumerate(items):
         n = len(item.input_ids)
-        ids[row, :n] = torch.tensor(item.input_ids, dtype=torch.long)
+        ids[row, :n] = torch.tensor(item.input_ids, dtype=torch.long, device=host)
         attention[row, :n] = 1
         predict[row, item.n_context - 1 : n - 1] = True
     shifted = torch.zeros_like(ids)
     shifted[:, :-1] = ids[:, 1:]
-    rows = torch.arange(len(items)).unsqueeze(1).expand_as(ids)
-    return Batch(ids, attention, predict, shifted[predict], rows[predict])
+    rows = torch.arange(len(items), device=host).unsqueeze(1).expand_as(ids)
+    parts = (ids, attention, predict, shifted[predict], rows[predict])
+    return Batch(*(part.to(device) for part in parts))
 
 
 def batches(items: Sized, batch_size: int, order: Sequence[int] | None = None) -> Iterator[list[int]]:

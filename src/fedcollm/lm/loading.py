@@ -17,12 +17,19 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.errors import FedcollmError
@@ -258,23 +265,89 @@ backward is about twice as slow as its float32 one (SmolLM2-135M, 8x128 tokens; 
 In float32 the two are on par and SDPA stays."""
 
 
-def load_base_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A frozen base causal LM in eval mode, computing in `dtype` (attention per `ATTENTION`).
+HOST = torch.device("cpu")
 
-    Refused (`HeadMismatchError`) if its logits are not what `fedcollm.lm.logits` computes.
+
+def load_base_model(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device: torch.device = HOST,
+    quantization: str = "none",
+    device_map: str | dict[str, int | str] | None = None,
+) -> PreTrainedModel:
+    """A frozen base causal LM in eval mode on `device`, computing in `dtype` (attention per
+    `ATTENTION`).
+
+    `quantization` "8bit"/"4bit" stores the linear weights through bitsandbytes (NF4 with double
+    quantisation for 4-bit, computing in `dtype`) and prepares the model for k-bit training as
+    peft does; `device_map="auto"` lets accelerate spread the model over the visible GPUs and
+    offload the rest to the CPU. Refused (`HeadMismatchError`) if its logits are not what
+    `fedcollm.lm.logits` computes.
     """
     source = resolve_model(name)
-    options = {"attn_implementation": ATTENTION[dtype]} if dtype in ATTENTION else {}
+    options: dict[str, object] = {"attn_implementation": ATTENTION[dtype]} if dtype in ATTENTION else {}
+    if quantization != "none":
+        options["quantization_config"] = bitsandbytes_config(quantization, dtype)
+    if device_map is not None:
+        options["device_map"] = device_map
+    elif quantization != "none":
+        options["device_map"] = {"": str(device)}  # bitsandbytes quantises as the weights are placed
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+    except ImportError as exc:
+        raise ModelError(f"model {name!r}: quantization = {quantization!r} needs {exc}") from None
     except Exception as exc:
         # A cut or corrupt weights file surfaces as safetensors' SafetensorError, a bad config as
         # OSError or ValueError; any of them means this folder cannot be loaded.
         raise ModelError(f"cannot load model {name!r} from {source}: {exception_summary(exc)}") from None
+    if quantization == "4bit":
+        _keep_4bit_layers_differentiable(model)
+    if "device_map" not in options and device.type != "cpu":
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types `to` by a wrapper
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts the remaining float16/bfloat16 parameters (norms, embeddings) to float32 and
+        # freezes the base, as peft prepares every k-bit model for LoRA; our own
+        # non-reentrant checkpointing needs none of its input-gradient hooks.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.requires_grad_(False)
     model.eval()
     check_head(model, name)
     return model
+
+
+def _keep_4bit_layers_differentiable(model: PreTrainedModel) -> None:
+    """Keep bitsandbytes' 4-bit layers on their autograd path on CPUs with AVX-512 BF16.
+
+    There bitsandbytes 0.50 repacks a `Linear4bit`'s weights for inference at its first eval-mode
+    forward without gradients (as `check_head` and every evaluation run) and from then on
+    multiplies through `gemv_4bit`, which has no backward: gradients stop flowing through the
+    base layers, so every LoRA layer below the last one trains on a wrong gradient, silently
+    (torch only warns). tests/test_quantization.py checks the gradients against a dequantised
+    copy of the model.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010  # typed as a Module attribute
+
+
+def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's storage of frozen linear weights: NF4 with double quantisation computing in
+    `compute_dtype` ("4bit", Dettmers et al. 2023), or LLM.int8 ("8bit")."""
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelError(f"unknown quantization {quantization!r}; use 'none', '8bit' or '4bit'")
 
 
 def needs_bos(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -16,6 +16,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from fedcollm.errors import FedcollmError
+from fedcollm.lm.devices import model_device
 from fedcollm.lm.encoding import Batch
 
 
@@ -31,7 +32,9 @@ def target_logits(model: PeftModel | PreTrainedModel, batch: Batch) -> torch.Ten
     losses, KL terms and log-likelihoods are always computed in float32.
     """
     out = decoder_of(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return head_logits(model, out.last_hidden_state[batch.predict_mask])
+    hidden = out.last_hidden_state[batch.predict_mask.to(out.last_hidden_state.device)]
+    # Where a device map puts the head on another device, the losses still meet the batch there.
+    return head_logits(model, hidden).to(batch.targets.device)
 
 
 def decoder_of(model: PeftModel | PreTrainedModel) -> torch.nn.Module:
@@ -81,9 +84,9 @@ def check_head(model: PreTrainedModel, name: str) -> None:
     model.eval()
     try:
         vocab = model.get_output_embeddings().weight.shape[0]
-        ids = torch.arange(1, PROBE_TOKENS + 1).clamp(max=vocab - 1).unsqueeze(0)
+        ids = torch.arange(1, PROBE_TOKENS + 1, device=model_device(model)).clamp(max=vocab - 1).unsqueeze(0)
         ours = head_logits(model, decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state[0])
-        theirs = model(input_ids=ids, use_cache=False).logits[0].float()
+        theirs = model(input_ids=ids, use_cache=False).logits[0].float().to(ours.device)
     finally:
         model.train(was_training)
     scale = theirs.abs().max().clamp(min=1e-6)
@@ -119,5 +122,5 @@ def answer_cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def per_sequence_sum(values: torch.Tensor, batch: Batch, size: int) -> torch.Tensor:
     """Sum a per-target quantity [P] into one value per batch row [size]."""
-    out = torch.zeros(size, dtype=values.dtype)
+    out = torch.zeros(size, dtype=values.dtype, device=values.device)
     return out.index_add_(0, batch.rows, values)

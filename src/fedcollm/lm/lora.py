@@ -19,6 +19,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from transformers import PreTrainedModel
 
 from fedcollm.config import LoraConfig
+from fedcollm.lm.devices import from_numpy, to_numpy
 from fedcollm.lm.loading import ModelError, exception_summary
 from fedcollm.protocol import Arrays
 
@@ -87,7 +88,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, seed: int) -> PeftMode
 def get_adapter(model: PeftModel) -> Arrays:
     """The adapter's weights as named float32 arrays (copies), in a stable name order."""
     state = get_peft_model_state_dict(model)
-    return {k: state[k].detach().to(torch.float32).cpu().numpy().copy() for k in sorted(state)}
+    return {k: to_numpy(state[k].to(torch.float32)).copy() for k in sorted(state)}
 
 
 def adapter_is_identity(model: PeftModel) -> bool:
@@ -117,7 +118,9 @@ def set_adapter(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
             raise ModelError(
                 f"adapter {key}: shape {tuple(value.shape)} != expected {tuple(expected[key].shape)}"
             )
-    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    # set_peft_model_state_dict copies each value into its parameter, on that parameter's device.
+    host = torch.device("cpu")
+    state = {k: from_numpy(np.asarray(v, dtype=np.float32), host) for k, v in arrays.items()}
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

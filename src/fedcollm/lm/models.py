@@ -42,8 +42,29 @@ class LoadedModel:
         return encode_sft(self.tokenizer, requests, add_bos=self.add_bos, max_length=max_length)
 
 
-def load_with_lora(name: str, lora: LoraConfig, seed: int, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a base model (frozen, in `dtype`) and its tokenizer and attach a fresh float32 LoRA adapter."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a base model is held and how: device, compute dtype, weight storage, device map."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    quantization: str = "none"
+    """ "none", "8bit" or "4bit" (bitsandbytes; `fedcollm.lm.loading.bitsandbytes_config`)."""
+    device_map: str | dict[str, int | str] | None = None
+    """ "auto": accelerate spreads the model over the visible devices (overrides `device`); or
+    accelerate's explicit module -> device map."""
+
+
+HOST = Placement()
+"""A float32 model on the CPU, unquantised."""
+
+
+def load_with_lora(name: str, lora: LoraConfig, seed: int, where: Placement = HOST) -> LoadedModel:
+    """Load a base model (frozen, placed and stored as `where` says) and its tokenizer, and attach
+    a fresh float32 LoRA adapter (initialised on the host, so from the same seed on every device)."""
     tokenizer = load_tokenizer(name)
-    model = attach_lora(load_base_model(name, dtype=dtype), lora, seed)
+    base = load_base_model(
+        name, where.dtype, device=where.device, quantization=where.quantization, device_map=where.device_map
+    )
+    model = attach_lora(base, lora, seed)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, initial_adapter=get_adapter(model))

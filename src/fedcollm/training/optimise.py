@@ -16,7 +16,9 @@ import torch
 from peft import PeftModel
 
 from fedcollm.config import TrainConfig
+from fedcollm.lm.devices import model_device
 from fedcollm.lm.encoding import batches
+from fedcollm.lm.precision import compute_dtype, needs_loss_scaling
 from fedcollm.protocol import StepCallback
 
 
@@ -104,6 +106,7 @@ def optimise(
     orders = epoch_orders(num_examples, epochs, seed)
     total = -(-num_examples // cfg.batch_size) * epochs
     stepped = [(model, *make_optimizer(model, lr, cfg, total, span)) for model, lr in models]
+    scaler = loss_scaler([model for model, _ in models])
     torch.manual_seed(seed)
     for model, _ in models:
         model.train()
@@ -113,13 +116,20 @@ def optimise(
     try:
         for order in orders:
             for index in batches(range(num_examples), cfg.batch_size, order):
-                terms = _accumulated_terms(index, loss_of, cfg.grad_accum_steps)
+                terms = _accumulated_terms(index, loss_of, cfg.grad_accum_steps, scaler)
                 for model, optimizer, scheduler in stepped:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
-                    optimizer.step()
+                    if scaler is not None:
+                        scaler.step(optimizer)  # skipped where a gradient overflowed
+                    else:
+                        optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()
                 history.append(terms)
                 if on_step is not None:
                     on_step(len(history), total, history[-1][0])
@@ -129,6 +139,18 @@ def optimise(
                 _checkpointing(model, False)
             model.eval()
     return len(history), np.mean(history, axis=0) if history else np.zeros(1)
+
+
+def loss_scaler(models: Sequence[PeftModel]) -> torch.amp.GradScaler | None:
+    """torch's dynamic loss scaler where a base model computes in float16, else None.
+
+    Gradients flowing back through float16 base layers underflow below 6e-8; the scaler
+    multiplies the loss before backward, divides the adapter gradients (float32) back before
+    clipping and the AdamW step, and skips a step whose gradients overflowed.
+    """
+    if not any(needs_loss_scaling(compute_dtype(model.get_base_model())) for model in models):
+        return None
+    return torch.amp.GradScaler(model_device(models[0]).type)
 
 
 def _checkpointing(model: PeftModel, on: bool) -> None:
@@ -143,16 +165,21 @@ def _checkpointing(model: PeftModel, on: bool) -> None:
 
 
 def _accumulated_terms(
-    index: list[int], loss_of: Callable[[list[int]], Sequence[torch.Tensor]], micro_batches: int
+    index: list[int],
+    loss_of: Callable[[list[int]], Sequence[torch.Tensor]],
+    micro_batches: int,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[float]:
-    """Backward of one batch's loss, in `micro_batches` pieces (`train.grad_accum_steps`); the
-    batch's loss terms, each micro-batch's weighted by its share of the examples."""
+    """Backward of one batch's loss, in `micro_batches` pieces (`train.grad_accum_steps`), scaled
+    by `scaler` if given; the batch's loss terms, each micro-batch's weighted by its share of the
+    examples."""
     pieces = np.array_split(np.asarray(index), min(micro_batches, len(index)))
     batch_terms: list[float] = []
     for piece in pieces:
         share = len(piece) / len(index)
         terms = loss_of([int(i) for i in piece])
-        (terms[0] * share).backward()
+        loss = terms[0] * share
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         values = [float(t.detach()) * share for t in terms]
         batch_terms = values if not batch_terms else [a + b for a, b in zip(batch_terms, values, strict=True)]
     return batch_terms

@@ -16,6 +16,7 @@ from peft import PeftModel
 
 from fedcollm.config import TrainConfig
 from fedcollm.errors import FedcollmError
+from fedcollm.lm.devices import model_device
 from fedcollm.lm.encoding import Batch, Encoded, collate
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
 from fedcollm.protocol import StepCallback
@@ -46,8 +47,8 @@ def weighted_answer_cross_entropy(logits: torch.Tensor, batch: Batch, weights: t
     rows = batch.rows[keep]
     token_ce = F.cross_entropy(logits[keep], batch.targets[keep], reduction="none")
     size = weights.numel()
-    per_row = torch.zeros(size, dtype=token_ce.dtype).index_add(0, rows, token_ce)
-    counts = torch.zeros(size, dtype=token_ce.dtype).index_add(0, rows, torch.ones_like(token_ce))
+    per_row = torch.zeros(size, dtype=token_ce.dtype, device=token_ce.device).index_add(0, rows, token_ce)
+    counts = torch.zeros_like(per_row).index_add(0, rows, torch.ones_like(token_ce))
     positive = weights > 0
     mean_ce = per_row[positive] / counts[positive]
     return (weights[positive].to(mean_ce.dtype) * mean_ce).sum() / positive.sum().clamp(min=1)
@@ -80,14 +81,18 @@ def train_sft(
             raise TrainingError("example weights must be finite and >= 0")
         kept = [i for i, w in enumerate(weights) if w > 0]
         examples = [examples[i] for i in kept]
-        row_weights = torch.tensor([float(weights[i]) for i in kept], dtype=torch.float32)
+        row_weights = torch.tensor(
+            [float(weights[i]) for i in kept], dtype=torch.float32, device=model_device(model)
+        )
     if not examples:
         raise TrainingError(
             "no training examples" + (" with a positive weight" if weights is not None else "")
         )
 
+    device = model_device(model)
+
     def loss_of(index: list[int]) -> tuple[torch.Tensor]:
-        batch = collate([examples[i] for i in index], pad_id)
+        batch = collate([examples[i] for i in index], pad_id, device=device)
         logits = target_logits(model, batch)
         if row_weights is None:
             return (answer_cross_entropy(logits, batch),)

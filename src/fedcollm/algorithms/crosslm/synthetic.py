@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.data import MCQuestion
+from fedcollm.lm.devices import model_device
 from fedcollm.lm.encoding import Encoded, EncodingError, pad_id
 
 LETTERS = string.ascii_uppercase
@@ -326,6 +327,7 @@ def generate_texts(
     pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     torch.manual_seed(seed)
+    device = model_device(model)
     out: list[Generation] = []
     total = -(-len(prompts) // settings.batch_size)
     for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
@@ -334,9 +336,11 @@ def generate_texts(
             for prompt in prompts[start : start + settings.batch_size]
         ]
         length = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in encoded], dtype=torch.long)
+        input_ids = torch.tensor(
+            [[pad] * (length - len(ids)) + ids for ids in encoded], dtype=torch.long, device=device
+        )
         attention = torch.tensor(
-            [[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded], dtype=torch.long
+            [[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded], dtype=torch.long, device=device
         )
         # peft forwards `generate` to the base model, and transformers types it with a self type
         # of its own; neither spelling type-checks, so the call is left untyped.

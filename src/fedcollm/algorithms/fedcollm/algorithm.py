@@ -25,6 +25,7 @@ class FedCoLLM(FedAvg):
 
     name = "fedcollm"
     uses_llm = True
+    trains_llm_and_slm_together = True  # the mutual distillation steps both adapters per batch
 
     @classmethod
     def needs_auxiliary_set(cls, config: ExperimentConfig) -> bool:

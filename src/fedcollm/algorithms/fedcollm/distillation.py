@@ -21,6 +21,7 @@ from peft import PeftModel
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import DistillConfig, TrainConfig
 from fedcollm.errors import FedcollmError
+from fedcollm.lm.devices import from_numpy, model_device, to_numpy
 from fedcollm.lm.dropout import teacher_logits
 from fedcollm.lm.encoding import Encoded, collate
 from fedcollm.lm.logits import answer_cross_entropy, target_logits
@@ -39,15 +40,17 @@ def aligned_teacher(
     student_items: Sequence[Encoded],
     bridge: TokenBridge,
     top_k: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-K rows over its answer tokens, carried onto the student's answer tokens.
 
     `teacher_logits` are row-major over `teacher_items` (as `target_logits` returns them).
-    Returns student-vocabulary ids [P_s, K] (-1 padding) and logits [P_s, K], detached.
+    Returns student-vocabulary ids [P_s, K] (-1 padding) and logits [P_s, K], detached, on
+    `device` (the student's). The mapping runs on the host: only the top-K rows cross.
     """
     k = min(top_k, teacher_logits.shape[-1])
     values, ids = teacher_logits.detach().float().topk(k, dim=-1)
-    values_np, ids_np = values.numpy(), ids.numpy()
+    values_np, ids_np = to_numpy(values), to_numpy(ids)
     out_ids, out_vals = [], []
     offset = 0
     for t_item, s_item in zip(teacher_items, student_items, strict=True):
@@ -59,8 +62,8 @@ def aligned_teacher(
         out_vals.append(mapped_vals)
         offset += n
     return (
-        torch.from_numpy(np.concatenate(out_ids).astype(np.int64)),
-        torch.from_numpy(np.concatenate(out_vals).astype(np.float32)),
+        from_numpy(np.concatenate(out_ids).astype(np.int64), device),
+        from_numpy(np.concatenate(out_vals).astype(np.float32), device),
     )
 
 
@@ -82,26 +85,28 @@ def distill_losses(
     separate eval-mode forward where the training one runs dropout: `lm.dropout.teacher_logits`),
     so backpropagating L_f + L_g reaches each adapter only through its own loss.
     """
-    batch_f = collate(list(llm_items), llm_pad_id)
-    batch_g = collate(list(slm_items), slm_pad_id)
+    f_device, g_device = model_device(llm), model_device(slm)
+    batch_f = collate(list(llm_items), llm_pad_id, device=f_device)
+    batch_g = collate(list(slm_items), slm_pad_id, device=g_device)
     f_logits = target_logits(llm, batch_f)
     g_logits = target_logits(slm, batch_g)
     f_teacher = teacher_logits(llm, batch_f, f_logits)
     g_teacher = teacher_logits(slm, batch_g, g_logits)
     if bridges is None:
         # The same answer ids, position by position (torch.equal is False for other lengths too).
-        if not torch.equal(batch_f.targets, batch_g.targets):
+        if not torch.equal(batch_f.targets, batch_g.targets.to(f_device)):
             raise TokenizerMismatchError(
                 "the two models split the answers into different tokens, so their logits cannot "
                 "be compared position by position; token alignment is needed (pass bridges)"
             )
         vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embedding rows past the tokenizer
         kd_args = (cfg.temperature, direction, cfg.kd_reduction)
-        kd_f = kd_loss(f_logits[:, :vocab], g_teacher[:, :vocab], *kd_args)
-        kd_g = kd_loss(g_logits[:, :vocab], f_teacher[:, :vocab], *kd_args)
+        # Each teacher's rows go to its student's device (the LLM and SLM may sit apart).
+        kd_f = kd_loss(f_logits[:, :vocab], g_teacher[:, :vocab].to(f_device), *kd_args)
+        kd_g = kd_loss(g_logits[:, :vocab], f_teacher[:, :vocab].to(g_device), *kd_args)
     else:
-        g_ids, g_vals = aligned_teacher(f_teacher, llm_items, slm_items, bridges[0], cfg.top_k)
-        f_ids, f_vals = aligned_teacher(g_teacher, slm_items, llm_items, bridges[1], cfg.top_k)
+        g_ids, g_vals = aligned_teacher(f_teacher, llm_items, slm_items, bridges[0], cfg.top_k, g_device)
+        f_ids, f_vals = aligned_teacher(g_teacher, slm_items, llm_items, bridges[1], cfg.top_k, f_device)
         kd_f = kd_loss_sparse(f_logits, f_ids, f_vals, cfg.temperature, cfg.kd_reduction)
         kd_g = kd_loss_sparse(g_logits, g_ids, g_vals, cfg.temperature, cfg.kd_reduction)
     loss_f = answer_cross_entropy(f_logits, batch_f) + cfg.kd_weight * kd_f

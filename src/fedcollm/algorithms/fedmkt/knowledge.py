@@ -24,6 +24,7 @@ from peft import PeftModel
 from fedcollm.align.bridge import TokenBridge
 from fedcollm.config import TrainConfig
 from fedcollm.errors import FedcollmError
+from fedcollm.lm.devices import from_numpy, model_device, to_numpy
 from fedcollm.lm.encoding import Encoded, batches, collate
 from fedcollm.lm.logits import answer_cross_entropy, per_sequence_sum, target_logits
 from fedcollm.protocol import Arrays, StepCallback
@@ -188,8 +189,9 @@ def compute_knowledge(
     model.eval()
     losses, ids, values = [], [], []
     total = -(-len(examples) // batch_size)
+    device = model_device(model)
     for step, index in enumerate(batches(examples, batch_size), start=1):
-        batch = collate([examples[i] for i in index], pad_id)
+        batch = collate([examples[i] for i in index], pad_id, device=device)
         logits = target_logits(model, batch)
         if vocab_size is not None:
             logits = logits[:, :vocab_size]
@@ -198,12 +200,12 @@ def compute_knowledge(
         if reduction == "mean":
             counts = torch.bincount(batch.rows, minlength=len(index)).clamp(min=1)
             per_sample = per_sample / counts
-        losses.append(per_sample.numpy().astype(np.float32))
+        losses.append(to_numpy(per_sample).astype(np.float32))
         if top_k:
             k = min(top_k, logits.shape[-1])
             top = logits.topk(k, dim=-1)
-            ids.append(top.indices.numpy().astype(np.int32))
-            values.append(top.values.numpy().astype(np.float32))
+            ids.append(to_numpy(top.indices).astype(np.int32))
+            values.append(to_numpy(top.values).astype(np.float32))
         if on_batch is not None:
             on_batch(step, total)
     if was_training:
@@ -336,9 +338,11 @@ def train_with_knowledge(
     if len(examples) != len(teachers) or not examples:
         raise ValueError("need one teacher entry (or None) per example, and at least one example")
 
+    device = model_device(model)
+
     def loss_of(index: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         items = [examples[i] for i in index]
-        batch = collate(items, pad_id)
+        batch = collate(items, pad_id, device=device)
         logits = target_logits(model, batch)
         ce = answer_cross_entropy(logits, batch)
         positions, t_ids, t_vals = [], [], []
@@ -358,8 +362,8 @@ def train_with_knowledge(
             k = max(a.shape[1] for a in t_ids)
             ids = np.concatenate([_pad(a, k, -1) for a in t_ids]).astype(np.int64)
             vals = np.concatenate([_pad(a.astype(np.float32), k, -np.inf) for a in t_vals])
-            rows = torch.from_numpy(np.concatenate(positions))
-            kd = kd_loss_sparse(logits[rows], torch.from_numpy(ids), torch.from_numpy(vals), temperature)
+            rows = from_numpy(np.concatenate(positions), device)
+            kd = kd_loss_sparse(logits[rows], from_numpy(ids, device), from_numpy(vals, device), temperature)
         else:
             kd = logits.sum() * 0.0
         return ce_weight * ce + (1.0 - ce_weight) * kd, ce, kd

@@ -1,6 +1,7 @@
 """The ClientApp: a SuperNode's side of a fedcollm run.
 
-The SuperNode's node config says which client it is (`partition-id`, `num-partitions`). Every
+The SuperNode's node config says which client it is (`partition-id`, `num-partitions`) and,
+optionally, where its SLM computes (`device=cuda:1`; default: the experiment's `device`). Every
 `train.local` message carries the resolved experiment TOML, from which the client checks the
 experiment (`Algorithm.check_config`), rebuilds its `ClientRuntime` (its own partition of the
 data, encoded; the SLM from the local converted-model cache) and then calls the algorithm's own
@@ -96,7 +97,7 @@ def _runtime(experiment: str, client: int, context: Context) -> tuple[Experiment
     import tomllib
 
     from fedcollm.algorithms import check_config
-    from fedcollm.config import build_config
+    from fedcollm.config import build_config, with_device
     from fedcollm.parties.client import ClientRuntime
     from fedcollm.parties.data import ExperimentData
     from fedcollm.parties.loading import load_client_model
@@ -105,6 +106,10 @@ def _runtime(experiment: str, client: int, context: Context) -> tuple[Experiment
     where = "the experiment sent by the server"
     config = build_config(tomllib.loads(experiment), where)
     check_config(config, where)
+    node_device = context.node_config.get("device")
+    if node_device is not None:
+        # The node knows its hardware: its `--node-config device=cuda:1` places its SLM.
+        config = with_device(config, str(node_device), "node config device")
     _, num_clients = _partition(context)
     if num_clients != config.federation.num_clients:
         raise FlowerEngineError(

@@ -53,6 +53,9 @@ class FlowerOptions:
     """Seconds to wait for training replies; 0 = until every node replied or was lost."""
     cpus_per_client: float = 1.0
     """Simulation only: CPU cores reserved per ClientApp actor (2 cores here -> 2 actors)."""
+    gpus_per_client: float = 0.0
+    """Simulation only: share of a GPU reserved per ClientApp actor (0.25 = four clients side by
+    side on each GPU; Ray gives each actor its GPU, where `device = "auto"` finds it); 0 = none."""
     verbose: bool = False
     """Show Flower's own INFO logs."""
 
@@ -66,6 +69,7 @@ class FlowerOptions:
         if self.secagg_modulus_range > 2**32 or bin(self.secagg_modulus_range).count("1") != 1:
             raise FlowerOptionsError("secagg-modulus-range must be a power of two no larger than 2**32")
         for name in (
+            "gpus_per_client",
             "secagg_clipping_range",
             "secagg_max_weight",
             "secagg_timeout",

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedcollm.engines.flower.options import FlowerOptions
+from fedcollm.engines.flower.options import FlowerOptions, FlowerOptionsError
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
@@ -30,6 +30,23 @@ FLOWER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DEDUP_LOGS": "0",
 }
+
+
+def simulation_gpus(options: FlowerOptions) -> int:
+    """The GPUs Ray may hand out: every visible one when clients take GPU shares, else none.
+
+    A GPU share asked for on a machine without CUDA is refused here, before Ray would wait
+    forever for a resource that never comes.
+    """
+    if options.gpus_per_client <= 0:
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FlowerOptionsError(
+            f"gpus-per-client={options.gpus_per_client}: this machine has no CUDA GPU; leave it at 0"
+        )
+    return torch.cuda.device_count()
 
 
 @contextmanager
@@ -103,10 +120,10 @@ def run_simulation(
 
         cores = os.cpu_count() or 1
         backend_config: dict[str, Any] = {
-            "client_resources": {"num_cpus": options.cpus_per_client, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": options.cpus_per_client, "num_gpus": options.gpus_per_client},
             "init_args": {
                 "num_cpus": cores,
-                "num_gpus": 0,
+                "num_gpus": simulation_gpus(options),
                 "logging_level": "INFO" if options.verbose else "ERROR",
                 "log_to_driver": options.verbose,
             },
