@@ -133,7 +133,8 @@ def plan(
         *(PlanLine(f"{task} split", split_text(data.split)) for task, data in loaded.items()),
         PlanLine("evaluation", f"{config.eval_split}, {config.eval.limit or 'all'} questions"),
     ]
-    roles = [("slm", config.slm)] + ([("llm", config.llm)] if config.llm is not None else [])
+    uses_llm = any(ALGORITHMS[method].uses_llm for method in methods)
+    roles = [("slm", config.slm)] + ([("llm", config.llm)] if config.llm is not None and uses_llm else [])
     placed = {
         role: placed_device(config, model, role, devices or available_devices()) for role, model in roles
     }
