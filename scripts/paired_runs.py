@@ -48,7 +48,7 @@ def main() -> None:
         this = side(str(run), sets)
         against = compare(this, base)
         vs_start = compare(this, start)
-        acc = 100 * float(this.fraction().mean())
+        acc = 100 * float(this.fraction.mean())
         first = run == args.runs[0]
         low, high = format_points(against.ci_low), format_points(against.ci_high)
         versus = "—" if first else f"{format_points(against.delta)} [{low}, {high}]"
