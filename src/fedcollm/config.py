@@ -92,6 +92,14 @@ def with_device(config: ExperimentConfig, device: str, origin: str) -> Experimen
     return config.model_copy(update=update)
 
 
+def device_setting(config: ExperimentConfig, model: ModelConfig, role: str) -> tuple[str, str]:
+    """A model's device setting and the key that holds it: its own `<role>.device`, else the
+    experiment's `device` (`role` "slm", "llm", or "slm <name>" for another client model)."""
+    if model.device is not None:
+        return model.device, f"{role.split()[0]}.device"
+    return config.device, "device"
+
+
 Quantization = Literal["none", "8bit", "4bit"]
 """How a frozen base model's linear weights are stored (`quantization`; bitsandbytes)."""
 

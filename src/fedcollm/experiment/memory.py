@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from fedcollm.algorithms import Algorithm
-from fedcollm.config import ExperimentConfig, ModelConfig
+from fedcollm.config import ExperimentConfig, ModelConfig, device_setting
 from fedcollm.data import MCRequest
 from fedcollm.errors import FedcollmError
 from fedcollm.experiment.sizes import adapter_size, local_model_config
@@ -209,9 +209,7 @@ def placed_device(config: ExperimentConfig, model: ModelConfig, role: str, devic
     """The device a model would load on, among `devices` (this machine's, or a list a test injects)."""
     if model.device_map is not None:
         return next((d for d in devices if d.startswith("cuda")), devices[0])
-    setting, name = (
-        (model.device, f"{role}.device") if model.device is not None else (config.device, "device")
-    )
+    setting, name = device_setting(config, model, role)
     return str(resolve_device(setting, name, list(devices)))
 
 
@@ -243,7 +241,7 @@ def plan_memory(
         together = sum(m.activations for m in here if m.role in joint)
         alone = max((m.activations for m in here if m.role not in joint), default=0)
         peak = sum(m.resident for m in here) + max(together, alone)
-        capacity = (capacities or {}).get(device) if capacities is not None else device_capacity(device)
+        capacity = capacities.get(device) if capacities is not None else device_capacity(device)
         out.append(DeviceMemory(device, peak, capacity, tuple(here)))
     return out
 

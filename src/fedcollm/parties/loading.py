@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from fedcollm.config import ConfigError, ExperimentConfig, ModelConfig
+from fedcollm.config import ConfigError, ExperimentConfig, ModelConfig, device_setting
 from fedcollm.lm.devices import resolve_device
 from fedcollm.lm.models import LoadedModel, Placement, load_with_lora
 from fedcollm.lm.precision import dtype_warning, torch_dtype
@@ -23,10 +23,7 @@ def placement(config: ExperimentConfig, model: ModelConfig, role: str) -> Placem
     The device is the model's own `device`, else the experiment's; `role` ("slm" or "llm") names
     the config section in a refusal. A forced dtype the device computes badly is warned about.
     """
-    setting, field = (
-        (model.device, f"{role}.device") if model.device is not None else (config.device, "device")
-    )
-    device = resolve_device(setting, field)
+    device = resolve_device(*device_setting(config, model, role))
     warning = dtype_warning(config.dtype, device)
     if warning is not None:
         log.warning(warning)
