@@ -4,8 +4,10 @@
 # processes it starts.
 #
 #   scripts/start_supernode.sh --superlink HOST:PORT --partition-id K --num-partitions N
-#                              [--ca FILE] [--key FILE] [--port PORT] [--home DIR]
+#                              [--data FILE] [--ca FILE] [--key FILE] [--port PORT] [--home DIR]
 #
+#   --data FILE   this site's own training file (node config data-path; for experiments with
+#                 task.client_source = "files"); read by this site's ClientApp, sent nowhere
 #   --ca FILE     the CA certificate that signed the SuperLink's (TLS); without it: --insecure
 #   --key FILE    this SuperNode's private key, when the SuperLink runs with --auth
 #   --port PORT   this SuperNode's local Runtime API port (default 9094; must differ between
@@ -13,12 +15,13 @@
 #   --home DIR    FLWR_HOME (default ./.flwr/supernode-K)
 set -euo pipefail
 source "$(dirname "$0")/_flower_env.sh"
-superlink="" partition="" partitions="" ca="" key="" port=9094 home=""
+superlink="" partition="" partitions="" data="" ca="" key="" port=9094 home=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --superlink) superlink=$2; shift 2 ;;
     --partition-id) partition=$2; shift 2 ;;
     --num-partitions) partitions=$2; shift 2 ;;
+    --data) data=$2; shift 2 ;;
     --ca) ca=$2; shift 2 ;;
     --key) key=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
@@ -30,8 +33,12 @@ done
 : "${partitions:?--num-partitions is required}"
 export FLWR_HOME="${home:-$PWD/.flwr/supernode-$partition}"
 mkdir -p "$FLWR_HOME"
-args=(flower-supernode --superlink "$superlink" --port "$port"
-      --node-config "partition-id=$partition num-partitions=$partitions")
+node_config="partition-id=$partition num-partitions=$partitions"
+if [[ -n "$data" ]]; then
+  [[ -e "$data" ]] || { echo "--data $data: no such file or folder" >&2; exit 2; }
+  node_config+=" data-path=\"$(realpath "$data")\""
+fi
+args=(flower-supernode --superlink "$superlink" --port "$port" --node-config "$node_config")
 if [[ -n "$ca" ]]; then args+=(--root-certificates "$ca"); else args+=(--insecure); fi
 if [[ -n "$key" ]]; then args+=(--auth-supernode-private-key "$key"); fi
 run "${args[@]}"

@@ -61,6 +61,26 @@ def test_supernode_script(tmp_path: Path) -> None:
     assert "partition-id=2 num-partitions=3" in got
 
 
+def test_supernode_script_names_the_sites_own_file_as_the_python_helper_does(tmp_path: Path) -> None:
+    data = tmp_path / "site a.jsonl"
+    data.write_text("{}\n")
+    got = dry_run(
+        "start_supernode.sh",
+        "--superlink",
+        "10.0.0.1:9093",
+        "--partition-id",
+        "0",
+        "--num-partitions",
+        "3",
+        "--data",
+        str(data),
+        home=tmp_path,
+    )
+    extra = {"data-path": str(data.resolve())}
+    assert got == supernode_command("10.0.0.1:9093", 0, 3, runtime_port=9094, extra=extra)
+    assert f'data-path="{data.resolve()}"' in got[got.index("--node-config") + 1]
+
+
 def test_submit_script_writes_the_connection_and_runs_flwr(tmp_path: Path) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_text("x")

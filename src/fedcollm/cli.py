@@ -117,6 +117,24 @@ DeviceOption = Annotated[
 ]
 
 
+def _site_data(items: list[str], num_clients: int) -> dict[int, Path]:
+    """`--site-data K=PATH` options as client -> file, each checked to name a client and a path."""
+    from fedcollm.config import ConfigError
+
+    sites: dict[int, Path] = {}
+    for item in items:
+        client, sep, path = item.partition("=")
+        if not sep or not client.strip().isdigit() or not path:
+            raise ConfigError(f"--site-data {item!r}: expected CLIENT=PATH, e.g. --site-data 0=site-a.jsonl")
+        k = int(client)
+        if not 0 <= k < num_clients:
+            raise ConfigError(f"--site-data {item!r}: client {k} is not one of 0..{num_clients - 1}")
+        if not Path(path).exists():
+            raise ConfigError(f"--site-data {item!r}: {path} does not exist")
+        sites[k] = Path(path)
+    return sites
+
+
 def _with_device(overrides: list[str] | None, device: str | None) -> list[str]:
     """`--set` overrides with `--device X` as one more: `device=X`."""
     return [*(overrides or []), *([f"device={device}"] if device is not None else [])]
@@ -237,6 +255,13 @@ def deploy(
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and SuperLink (local test CA).")] = True,
     auth: Annotated[bool, typer.Option(help="Only registered SuperNodes may connect (needs TLS).")] = False,
     device: DeviceOption = None,
+    site_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Client K's own training file, given to its SuperNode as data-path: "
+            '--site-data 0=site-a.jsonl (experiments with task.client_source = "files").'
+        ),
+    ] = None,
 ) -> None:
     """Run an experiment on Flower's deployment engine: a SuperLink and one SuperNode per client,
     each a separate process on 127.0.0.1 (docs/deployment.md shows the same on real machines)."""
@@ -247,6 +272,11 @@ def deploy(
     _quiet_libraries()
     set_ = _with_device(set_, device)
     cfg = load_config(config, set_)
+    if cfg.task.client_data:
+        # The run's processes do not start in this folder: name the files absolutely.
+        files = [str(Path(path).resolve()) for path in cfg.task.client_data]
+        set_ = [*set_, f"task.client_data={json.dumps(files)}"]
+    sites = _site_data(site_data or [], cfg.federation.num_clients)
     check_config(cfg, str(config), secure_aggregation=secagg)
     out = out or Path("runs") / cfg.name
     console.print(
@@ -264,6 +294,7 @@ def deploy(
         options={"secagg": secagg},
         overwrite=overwrite,
         on_status=console.log,
+        site_data=sites,
     )
     console.print(f"[green]done[/]: {out}")
     console.print((out / "results.md").read_text(encoding="utf-8"))

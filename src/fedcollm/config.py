@@ -188,6 +188,25 @@ class TaskConfig(_Section):
         "go to no client. Empty = every value to one client, largest first onto the client "
         "holding the fewest questions.",
     )
+    client_source: Literal["partition", "files"] = Field(
+        "partition",
+        description='Where each client\'s training questions come from: "partition" = its share of '
+        'the task\'s training split (partition, above); "files" = its own file, read where the client '
+        "runs: its SuperNode's --node-config data-path, else client_data[k]. The server's D_a is "
+        "then the aux_fraction share of the training split, and the clients' shares go unused.",
+    )
+    client_data: list[str] = Field(
+        default_factory=list,
+        description='client_source = "files": each client\'s own question file, one per client '
+        "(JSONL, JSON, CSV, Parquet or a datasets.save_to_disk folder; see docs/data.md), for the "
+        "embedded and simulation engines; a SuperNode's data-path takes precedence. Empty = every "
+        "client's SuperNode names its file.",
+    )
+    required_fields: list[str] = Field(
+        default_factory=list,
+        description="Fields besides question, choices and gold that every record of a client's "
+        'file must hold (e.g. ["topic"]); a file that lacks one is refused before the first round.',
+    )
 
 
 class FederationConfig(_Section):
@@ -579,6 +598,21 @@ class ExperimentConfig(_Section):
                         f"unknown report_to backend {name!r}; available: {', '.join(REPORT_BACKENDS)}"
                     )
         return value
+
+    @model_validator(mode="after")
+    def _client_files_fit(self) -> ExperimentConfig:
+        task, clients = self.task, self.federation.num_clients
+        if task.client_data and task.client_source != "files":
+            raise ValueError(
+                f"task.client_data names {len(task.client_data)} files but task.client_source = "
+                f'{task.client_source!r}; set client_source = "files" to use them'
+            )
+        if task.client_data and len(task.client_data) != clients:
+            raise ValueError(
+                f"task.client_data names {len(task.client_data)} files for federation.num_clients={clients} "
+                "(one per client, client 0 first)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _eval_split_default(self) -> ExperimentConfig:

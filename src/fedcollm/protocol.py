@@ -173,6 +173,11 @@ class Transport(Protocol):
         """Ask every client to evaluate its own model; return their replies."""
         ...
 
+    def client_data_errors(self) -> dict[int, str]:
+        """Clients whose own data could not be used, and why (file, line, field), found before
+        the first round; they take no part in the run. Empty when every client's data fits."""
+        ...
+
     def client_states(self) -> ClientStates | None:
         """Every client's state for a checkpoint; None where the clients keep it themselves."""
         ...

@@ -1,5 +1,7 @@
 """The single exception type raised by ``fedcollm.data``."""
 
+import re
+
 from fedcollm.errors import FedcollmError
 
 
@@ -10,3 +12,12 @@ class DataError(FedcollmError, ValueError):
     while callers that care can catch data problems specifically. Messages name the culprit
     (task, split, file and line, field) and list the valid options where there are any.
     """
+
+
+_VALUE = re.compile(r", got .*$", re.DOTALL)
+
+
+def without_values(message: str) -> str:
+    """A data error's message with the offending value cut (", got ..."), keeping file, line and
+    field: what a site may tell the server about its bad file without showing its records."""
+    return _VALUE.sub(", got a value the site keeps to itself", message)

@@ -18,6 +18,7 @@ from typing import Any
 
 from fedcollm.data.errors import DataError
 from fedcollm.data.jsonl import scalar_fields
+from fedcollm.data.tables import read_rows
 
 ROLES = ("system", "user", "assistant")
 
@@ -110,39 +111,10 @@ def parse_instruction_record(record: Any, default_id: str, where: str) -> Instru
     )
 
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def _read_rows(path: Path) -> Any:
-    """The file's rows as a `datasets.Dataset` (a saved dataset folder, or a file by suffix)."""
-    import datasets
-
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                raise DataError(f"{path} holds several splits ({', '.join(loaded)}); point at one of them")
-            return loaded
-        suffix = ".jsonl" if path.name.endswith(".jsonl.gz") else path.suffix
-        builder = _BUILDERS.get(suffix)
-        if builder is None:
-            raise DataError(
-                f"data file {path}: unknown format {suffix or '(no suffix)'}; use .jsonl, .json, .csv, "
-                ".parquet or a datasets.save_to_disk folder"
-            )
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except DataError:
-        raise
-    except Exception as exc:  # pyarrow's and datasets' parse errors have no common base
-        raise DataError(f"data file {path} cannot be read: {type(exc).__name__}: {exc}") from None
-
-
 def read_instructions(path: str | Path, limit: int | None = None) -> list[InstructionExample]:
     """All (or the first `limit`) instruction or chat examples of a file or saved dataset."""
     path = Path(path)
-    rows = _read_rows(path)
+    rows = read_rows(path)
     examples: list[InstructionExample] = []
     for row, record in enumerate(rows, start=1):
         if limit is not None and len(examples) >= limit:

@@ -10,7 +10,7 @@ field.
 
 import gzip
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,8 +41,11 @@ def _open_text(path: Path) -> IO[str]:
     return path.open(encoding="utf-8")
 
 
-def parse_jsonl_record(record: Any, default_id: str, where: str) -> MCQuestion:
-    """Validate one decoded line and build its question; ``where`` is ``file:line``."""
+def parse_jsonl_record(record: Any, default_id: str, where: str, required: Sequence[str] = ()) -> MCQuestion:
+    """Validate one decoded line and build its question; ``where`` is ``file:line``.
+
+    ``required``: further fields the record must hold with a scalar value (the experiment's
+    ``task.required_fields``: what every site's data must carry)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     question = record.get("question")
@@ -65,6 +68,13 @@ def parse_jsonl_record(record: Any, default_id: str, where: str) -> MCQuestion:
     if not isinstance(question_id, str):
         raise DataError(f"{where}: field 'id' must be a string, got {question_id!r}")
     fields = scalar_fields(record, _QUESTION_KEYS)
+    for name in required:
+        if name not in fields and (name not in _QUESTION_KEYS or record.get(name) is None):
+            held = ", ".join(sorted(str(key) for key in record)) or "none"
+            raise DataError(
+                f"{where}: field {name!r} is missing or not a scalar (task.required_fields); "
+                f"its fields: {held}"
+            )
     return MCQuestion(id=question_id, question=question, choices=tuple(choices), gold=gold, fields=fields)
 
 
@@ -82,7 +92,9 @@ def scalar_fields(record: Mapping[str, Any], skip: frozenset[str]) -> dict[str, 
     return extra
 
 
-def read_jsonl_questions(path: Path, limit: int | None = None) -> list[MCQuestion]:
+def read_jsonl_questions(
+    path: Path, limit: int | None = None, required: Sequence[str] = ()
+) -> list[MCQuestion]:
     """All (or the first ``limit``) questions in a ``.jsonl``/``.jsonl.gz`` file."""
     if not path.is_file():
         raise DataError(f"question file {path} does not exist")
@@ -100,7 +112,7 @@ def read_jsonl_questions(path: Path, limit: int | None = None) -> list[MCQuestio
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-                questions.append(parse_jsonl_record(record, f"{stem}-{lineno}", where))
+                questions.append(parse_jsonl_record(record, f"{stem}-{lineno}", where, required))
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
         raise DataError(f"question file {path} is not readable UTF-8 JSONL: {exc}") from exc
     return questions

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedcollm.algorithms import Algorithm
 from fedcollm.config import ExperimentConfig
+from fedcollm.data import DataError
 from fedcollm.evaluation.baselines import BaselineStore
 from fedcollm.experiment.loop import run_rounds
 from fedcollm.experiment.recording import RunRecorder
@@ -32,9 +33,12 @@ class InProcessTransport:
         clients: list[ClientRuntime],
         reporter: Reporter,
         recorder: RunRecorder | None = None,
+        data_errors: dict[int, str] | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.clients = clients
+        self.data_errors = dict(data_errors or {})
+        """Clients left out because their data did not fit (`ExperimentData.client_questions`)."""
         self.reporter = reporter
         self.fit_reporters = {client.client_id: reporter for client in clients}
         """The reporter of each client's training: with a `recorder`, its optimiser steps also go to
@@ -55,6 +59,9 @@ class InProcessTransport:
         return [
             self.algorithm.client_evaluate(client, payload, rnd, self.reporter) for client in self.clients
         ]
+
+    def client_data_errors(self) -> dict[int, str]:
+        return dict(self.data_errors)
 
     def client_states(self) -> ClientStates:
         """What each client keeps between rounds, for checkpoints."""
@@ -84,9 +91,12 @@ def run_local(
         config, out, overwrite=overwrite, resume=resume, reporter=reporter, resources=resources
     )
     client_models = load_client_models(config, server.slm)
-    clients = [
-        ClientRuntime.create(config, server.data, k, lm, resources) for k, lm in enumerate(client_models)
-    ]
-    transport = InProcessTransport(algorithm, clients, reporter, recorder)
+    clients, data_errors = [], {}
+    for k, lm in enumerate(client_models if algorithm.uses_clients else []):
+        try:
+            clients.append(ClientRuntime.create(config, server.data, k, lm, resources))
+        except DataError as exc:
+            data_errors[k] = str(exc)
+    transport = InProcessTransport(algorithm, clients, reporter, recorder, data_errors)
     run_rounds(algorithm, server, transport, recorder, reporter, resume=resume)
     return recorder

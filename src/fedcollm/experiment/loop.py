@@ -11,6 +11,7 @@ import numpy as np
 
 from fedcollm.algorithms import Algorithm
 from fedcollm.config import Weighting
+from fedcollm.data.errors import without_values
 from fedcollm.errors import RoundError
 from fedcollm.experiment.checkpoint import (
     CHECKPOINT_DIR,
@@ -50,6 +51,29 @@ def _kept(algorithm: Algorithm, recorder: RunRecorder, rnd: int) -> str:
         return "checkpoints are off (checkpoint.enabled = false)"
     folder = recorder.out / CHECKPOINT_DIR
     return f"the checkpoint of round {rnd - 1} is in {folder} (--resume continues from it)"
+
+
+def _check_client_data(
+    algorithm: Algorithm, transport: Transport, recorder: RunRecorder, reporter: Reporter, *, record: bool
+) -> None:
+    """Leave out the clients whose data does not fit, recorded as `data_error` with the reason
+    (file, line, field), and stop before any training if fewer than `min_clients` remain."""
+    errors = transport.client_data_errors()
+    for client, reason in sorted(errors.items()):
+        reporter.message(f"client {client} takes no part in this run: {reason}")
+    if record:
+        recorder.record(
+            Metric(0, "client", k, "data_error", 1.0, note=without_values(why))
+            for k, why in sorted(errors.items())
+        )
+    usable = algorithm.config.federation.num_clients - len(errors)
+    minimum = algorithm.config.robustness.min_clients
+    if errors and usable < minimum:
+        reasons = "; ".join(f"client {k}: {why}" for k, why in sorted(errors.items()))
+        raise RoundError(
+            f"only {usable} client(s) have data the run can use, fewer than robustness.min_clients="
+            f"{minimum}; nothing was trained. {reasons}"
+        )
 
 
 def _screen(
@@ -231,6 +255,8 @@ def run_rounds(
     config = algorithm.config
     checkpoints = _Checkpoints(algorithm, server, transport, recorder)
     start = checkpoints.restore(reporter) if resume else None
+    if algorithm.uses_clients:
+        _check_client_data(algorithm, transport, recorder, reporter, record=start is None)
     if start is None:
         _evaluate(algorithm, server, transport, 0, reporter, recorder)
         checkpoints.save(0)

@@ -14,7 +14,7 @@ import torch
 
 from fedcollm.algorithms import ALGORITHMS, check_config
 from fedcollm.config import ConfigError, ExperimentConfig, build_config
-from fedcollm.data import Partition
+from fedcollm.data import DataError, Partition
 from fedcollm.experiment.memory import DeviceMemory, memory_plan, placed_device, refuse_what_does_not_fit
 from fedcollm.experiment.setup import check_data, check_models
 from fedcollm.experiment.sizes import AdapterSize, adapter_size, local_model_config
@@ -92,7 +92,36 @@ def check_runs(
 
 def split_text(split: Partition) -> str:
     """Who holds how many training questions: ``server 200, clients 629 / 94 / 84 / 27``."""
+    if not split.clients:
+        return f'server {len(split.aux)}, clients: each its own file (task.client_source = "files")'
     return f"server {len(split.aux)}, clients " + " / ".join(str(len(shard)) for shard in split.clients)
+
+
+def _clients_text(config: ExperimentConfig) -> str:
+    task, fed = config.task, config.federation
+    share = f"{task.aux_fraction:.0%}"
+    if task.client_source == "files":
+        where = (
+            "task.client_data, or each SuperNode's data-path"
+            if task.client_data
+            else "each SuperNode's data-path"
+        )
+        return f"{fed.num_clients} (each its own file: {where}; {share} of the training split to the server)"
+    by = f" by {task.partition_field}" if task.partition == "field" else ""
+    return f"{fed.num_clients} ({task.partition} split{by}, {share} of the training questions to the server)"
+
+
+def _client_file_lines(config: ExperimentConfig, data: ExperimentData) -> list[PlanLine]:
+    """Each client file of `task.client_data`, read and checked as the run will: its size, or
+    why the run would leave that client out."""
+    lines = []
+    for k, path in enumerate(config.task.client_data):
+        try:
+            text = f"{path}: {len(data.client_questions(config, k))} questions"
+        except DataError as exc:
+            text = f"refused, the run goes on without it only if robustness.min_clients allows: {exc}"
+        lines.append(PlanLine(f"client {k}", text))
+    return lines
 
 
 def plan(
@@ -123,14 +152,9 @@ def plan(
         PlanLine("methods", ", ".join(methods)),
         PlanLine("tasks", ", ".join(tasks) + f" (format {config.task.format}, source {config.task.source})"),
         PlanLine("rounds", str(fed.rounds)),
-        PlanLine(
-            "clients",
-            f"{fed.num_clients} ({config.task.partition} split"
-            + (f" by {config.task.partition_field}" if config.task.partition == "field" else "")
-            + ", "
-            f"{config.task.aux_fraction:.0%} of the training questions to the server)",
-        ),
+        PlanLine("clients", _clients_text(config)),
         *(PlanLine(f"{task} split", split_text(data.split)) for task, data in loaded.items()),
+        *_client_file_lines(config, loaded[tasks[0]]),
         PlanLine("evaluation", f"{config.eval_split}, {config.eval.limit or 'all'} questions"),
     ]
     uses_llm = any(ALGORITHMS[method].uses_llm for method in methods)

@@ -164,9 +164,12 @@ class RunRecorder:
     def record_exchange(self, rnd: int, payload: Payload, replies: Sequence[ClientReply]) -> None:
         self.ledger.add(rnd, payload, replies)
         self.record(
-            Metric(rnd, "client", reply.client, key, float(value))
-            for reply in replies
-            for key, value in reply.metrics.items()
+            [Metric(rnd, "client", r.client, "num_examples", float(r.num_examples)) for r in replies]
+            + [
+                Metric(rnd, "client", reply.client, key, float(value))
+                for reply in replies
+                for key, value in reply.metrics.items()
+            ]
         )
 
     def finish(self, algorithm: Algorithm, server: ServerRuntime) -> None:

@@ -37,8 +37,11 @@ class ClientRuntime:
         client_id: int,
         slm: LoadedModel,
         resources: SharedResources | None = None,
+        data_path: str | None = None,
     ) -> ClientRuntime:
-        requests = data.client_requests(config, client_id)
+        """Client `client_id` with its training questions encoded for its SLM; `data_path`: its
+        own file where the node names one (`ExperimentData.client_questions`)."""
+        requests = data.client_requests(config, client_id, data_path)
         resources = resources if resources is not None else SharedResources()
         resources.know(slm)
         return cls(

@@ -37,7 +37,7 @@ class Centralized(Algorithm):
         assert config.llm is not None
         llm = server.model("llm")
         if "union" not in server.state:
-            requests = server.data.requests(config)  # every training question: all shards + aux
+            requests = server.data.union_requests(config)  # every client's questions + aux
             server.state["union"] = llm.encode_sft(requests, config.train.max_length)
         union = server.state["union"]
         reporter.phase(f"round {rnd} · centralized training on {len(union)} examples")

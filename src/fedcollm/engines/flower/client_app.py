@@ -1,7 +1,9 @@
 """The ClientApp: a SuperNode's side of a fedcollm run.
 
 The SuperNode's node config says which client it is (`partition-id`, `num-partitions`) and,
-optionally, where its SLM computes (`device=cuda:1`; default: the experiment's `device`). Every
+optionally, where its SLM computes (`device=cuda:1`; default: the experiment's `device`) and
+where the site's own training file is (`data-path="/data/site.jsonl"`, for experiments with
+`task.client_source = "files"`; it is read here and never sent anywhere). Every
 `train.local` message carries the resolved experiment TOML, from which the client checks the
 experiment (`Algorithm.check_config`), rebuilds its `ClientRuntime` (its own partition of the
 data, encoded; the SLM from the local converted-model cache) and then calls the algorithm's own
@@ -69,6 +71,37 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _data_path(context: Context) -> str | None:
+    """The site's own training file, from its `--node-config data-path=...` (None if not given)."""
+    path = context.node_config.get("data-path")
+    return None if path is None else str(path)
+
+
+@app.query("data")
+def check_data(msg: Message, context: Context) -> Message:
+    """Read this client's data as the experiment asks; reply its size or what does not fit.
+
+    The error names file, line and field but not the offending value (`without_values`): the
+    whole message is printed here, in the SuperNode's log, for the site's operator.
+    """
+    import sys
+
+    from fedcollm.data.errors import without_values
+    from fedcollm.errors import FedcollmError
+
+    client, _ = _partition(context)
+    experiment = str(records.scalar(msg.content.config_records[records.RUN], "experiment"))
+    try:
+        config = _config(experiment, context)
+        built = _experiment(experiment, config)
+        size = len(built.data.client_questions(config, client, _data_path(context)))
+        reply = ConfigRecord({"client": client, "num_examples": size})
+    except FedcollmError as exc:
+        print(f"fedcollm: client {client}'s data does not fit the experiment: {exc}", file=sys.stderr)
+        reply = ConfigRecord({"client": client, "error": without_values(str(exc))})
+    return Message(RecordDict({records.RUN: reply}), reply_to=msg)
+
+
 # ------------------------------------------------------------------------------------------
 # Client runtimes, rebuilt from the experiment TOML
 
@@ -92,16 +125,12 @@ _BUILT: dict[str, _Experiment] = {}
 """The experiment this process serves, by its key (at most one entry): the module's only state."""
 
 
-def _runtime(experiment: str, client: int, context: Context) -> tuple[ExperimentConfig, ClientRuntime]:
-    """This client's runtime for `experiment` (checked first, built once per process)."""
+def _config(experiment: str, context: Context) -> ExperimentConfig:
+    """The experiment the server sent, checked, with this node's device where it names one."""
     import tomllib
 
     from fedcollm.algorithms import check_config
     from fedcollm.config import build_config, with_device
-    from fedcollm.parties.client import ClientRuntime
-    from fedcollm.parties.data import ExperimentData
-    from fedcollm.parties.loading import load_client_model
-    from fedcollm.parties.resources import SharedResources
 
     where = "the experiment sent by the server"
     config = build_config(tomllib.loads(experiment), where)
@@ -116,19 +145,36 @@ def _runtime(experiment: str, client: int, context: Context) -> tuple[Experiment
             f"node config num-partitions={num_clients} but the experiment has "
             f"{config.federation.num_clients} clients"
         )
+    return config
+
+
+def _experiment(experiment: str, config: ExperimentConfig) -> _Experiment:
+    """What this process built for `experiment` (its data; built once per process)."""
+    from fedcollm.parties.data import ExperimentData
+    from fedcollm.parties.resources import SharedResources
+
     key = experiment_key(experiment)
     if key not in _BUILT:
         _quiet()
         _BUILT.clear()
         _BUILT[key] = _Experiment(key, ExperimentData.load(config), SharedResources())
-    built = _BUILT[key]
+    return _BUILT[key]
+
+
+def _runtime(experiment: str, client: int, context: Context) -> tuple[ExperimentConfig, ClientRuntime]:
+    """This client's runtime for `experiment` (checked first, built once per process)."""
+    from fedcollm.parties.client import ClientRuntime
+    from fedcollm.parties.loading import load_client_model
+
+    config = _config(experiment, context)
+    built = _experiment(experiment, config)
     if client not in built.runtimes:
         # The same model, LoRA shape and seed as the embedded engine's `load_client_models`.
         name = config.federation.client_model(client, config.slm.name)
         if name not in built.models:
             built.models[name] = load_client_model(config, name)
         built.runtimes[client] = ClientRuntime.create(
-            config, built.data, client, built.models[name], built.resources
+            config, built.data, client, built.models[name], built.resources, _data_path(context)
         )
     return config, built.runtimes[client]
 

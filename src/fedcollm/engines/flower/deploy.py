@@ -99,7 +99,10 @@ class LocalFederation:
         auth: bool = False,
         host: str = "127.0.0.1",
         startup_timeout: float = 60.0,
+        site_config: Mapping[int, Mapping[str, str]] | None = None,
     ) -> None:
+        """`site_config`: node-config entries for some SuperNodes beyond which client they are,
+        e.g. `{0: {"data-path": "/data/site-0.jsonl"}}` (each site's own file)."""
         if auth and not tls:
             raise FlowerEngineError("SuperNode authentication needs TLS (Flower refuses it otherwise)")
         self.workdir = workdir.resolve()
@@ -108,6 +111,7 @@ class LocalFederation:
         self.auth = auth
         self.host = host
         self.startup_timeout = startup_timeout
+        self.site_config = {int(k): dict(v) for k, v in (site_config or {}).items()}
         self.port = 0
         self.superlink: Managed | None = None
         self.supernodes: dict[int, Managed] = {}
@@ -184,6 +188,7 @@ class LocalFederation:
             runtime_port=free_port(self.host),
             ca=self.certs / "ca.crt" if self.tls else None,
             private_key=self.keys / f"supernode-{client}" if self.auth else None,
+            extra=self.site_config.get(client),
         )
         self.supernodes[client] = self._spawn(f"supernode-{client}", args)
 
@@ -345,7 +350,10 @@ def supernode_command(
     runtime_port: int,
     ca: Path | None = None,
     private_key: Path | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> list[str]:
+    """`flower-supernode`'s command line; `extra`: further node-config entries (`data-path`)."""
+    node_config = {"partition-id": client, "num-partitions": num_clients, **(extra or {})}
     args = [
         "flower-supernode",
         "--superlink",
@@ -353,7 +361,7 @@ def supernode_command(
         "--port",
         str(runtime_port),
         "--node-config",
-        f"partition-id={client} num-partitions={num_clients}",
+        run_config_arg(node_config),
     ]
     args += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if private_key is not None:
@@ -403,11 +411,13 @@ def deploy_experiment(
     overwrite: bool = False,
     timeout: float = 24 * 3600.0,
     on_status: Any = None,
+    site_data: Mapping[int, Path] | None = None,
 ) -> RunStatus:
     """Run an experiment on a SuperLink and `num_clients` SuperNodes started here (127.0.0.1).
 
     Flower's files (homes, logs, certificates) go to `<out>/flower`; every process is stopped
-    when the run ends or fails.
+    when the run ends or fails. `site_data`: client -> its own training file, given to that
+    client's SuperNode as `--node-config data-path=...` (experiments with client files).
     """
     out = out.resolve()
     run_config: dict[str, Any] = {
@@ -417,7 +427,8 @@ def deploy_experiment(
         "overwrite": overwrite,
         **(options or {}),
     }
-    with LocalFederation(out / "flower", num_clients, tls=tls, auth=auth) as federation:
+    sites = {k: {"data-path": str(Path(path).resolve())} for k, path in (site_data or {}).items()}
+    with LocalFederation(out / "flower", num_clients, tls=tls, auth=auth, site_config=sites) as federation:
         run_id = federation.submit(run_config)
         if on_status is not None:
             on_status(f"run {run_id} submitted; logs in {federation.logs}")

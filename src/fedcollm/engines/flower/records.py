@@ -5,6 +5,8 @@ ClientApp process, and the SecAgg+ key-exchange stages must not pay for loading 
 
 Message types (the ClientApp registers one handler per type):
 - `query.hello`  server asks a SuperNode which client (partition) it is.
+- `query.data`   before the first round, server asks each client whether its own data fits the
+  experiment; the reply is its example count, or the error (file, line, field; no record value).
 - `train.local`  one round's local update (`Payload` in, `ClientReply` out). With `hold` set the
   client keeps its adapter and its training metrics in its node state and replies only its
   example count, the names of both and power-of-two magnitude bounds: adapter and metrics then
@@ -25,6 +27,7 @@ from fedcollm.engines.flower.options import FlowerEngineError
 from fedcollm.protocol import Arrays, Scalar
 
 HELLO = "query.hello"
+DATA_CHECK = "query.data"
 TRAIN_LOCAL = "train.local"
 EVALUATE = "evaluate"
 

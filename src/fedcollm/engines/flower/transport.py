@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcollm.engines.flower import records
@@ -103,6 +103,8 @@ class FlowerTransport:
         """node id -> client id, for nodes that said hello."""
         self.failures: dict[int, dict[int, str]] = {}
         """round -> client id -> why it is missing from that round."""
+        self.data_errors: dict[int, str] | None = None
+        """client id -> why its data cannot be used (asked once, before the first round)."""
         self.secagg_settings: dict[int, SecAggSettings] = {}
         self.secagg_error: dict[int, float] = {}
 
@@ -190,12 +192,48 @@ class FlowerTransport:
             )
         self.clients[node] = client
 
+    def client_data_errors(self) -> dict[int, str]:
+        """Ask every connected client, once, whether its own data fits (`query.data`); the
+        clients whose data does not, with the reason their node gave, are left out of the run."""
+        if self.data_errors is not None:
+            return dict(self.data_errors)
+        request = RecordDict({records.RUN: ConfigRecord({"experiment": self.experiment})})
+        nodes = dict(sorted(self.clients.items(), key=lambda item: item[1]))
+        messages = [Message(request, dst_node_id=node, message_type=records.DATA_CHECK) for node in nodes]
+        self.reporter.phase(f"checking the data of {len(messages)} clients")
+        errors = {client: "no SuperNode connected" for client in range(self.num_clients)}
+        for client in nodes.values():
+            errors[client] = "no reply to the data check (SuperNode lost, or round-timeout reached)"
+        replies = self.grid.send_and_receive(messages, timeout=self.options.round_timeout or None)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:
+            answering = nodes.get(sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
+            if answering is None:
+                continue
+            if reply.has_error():
+                errors[answering] = f"its data check failed: {_reason(reply)}"
+                continue
+            answer = reply.content.config_records[records.RUN]
+            if "error" in answer:
+                errors[answering] = str(records.scalar(answer, "error"))
+            else:
+                del errors[answering]
+        self.data_errors = errors
+        return dict(errors)
+
     def _targets(self, rnd: int) -> dict[int, int]:
         self._discover(strict=False)
-        targets = dict(sorted(self.clients.items(), key=lambda item: item[1]))
-        absent = set(range(self.num_clients)) - set(targets.values())
+        left_out = self.data_errors or {}
+        targets = {
+            node: client
+            for node, client in sorted(self.clients.items(), key=lambda item: item[1])
+            if client not in left_out
+        }
+        absent = set(range(self.num_clients)) - set(targets.values()) - set(left_out)
         for client in sorted(absent):
             self._fail(rnd, client, "SuperNode not connected at the start of the round")
+        for client, reason in sorted(left_out.items()):
+            self._fail(rnd, client, f"left out of the run: {reason}")
         return targets
 
     def _fail(self, rnd: int, client: int, reason: str) -> None:
