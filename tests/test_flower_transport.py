@@ -84,24 +84,24 @@ def test_misconfigured_supernodes_are_refused_with_a_clear_message(
         transport(configs).connect()
 
 
-def _node_state(context: Context) -> dict:
-    """The client state a ClientApp kept in a node's state (decoded)."""
+def _node_checkpoint(folder: Path, rnd: int) -> dict:
+    """The client state a ClientApp checkpointed on its node after round `rnd` (decoded)."""
     import json
 
-    from fedcollm.engines.flower import client_app, records
-    from fedcollm.experiment.state import unflatten_state
+    from fedcollm.experiment.checkpoint import CHECKPOINT_DIR, load_checkpoint
 
-    saved = context.state.config_records[client_app.STATE_LAYOUT]
-    arrays = records.from_array_record(context.state.array_records[client_app.STATE_ARRAYS])
-    return unflatten_state(json.loads(str(saved["layout"])), arrays)
+    saved = folder / CHECKPOINT_DIR / f"round-{rnd:04d}"
+    key = json.loads((saved / "meta.json").read_text())["experiment_key"]
+    return load_checkpoint(saved, key).state["client"]
 
 
-def test_client_state_survives_fresh_clientapp_processes(
-    tiny_llama: Path, server_identity: None, monkeypatch: pytest.MonkeyPatch
+def test_client_state_survives_fresh_clientapp_processes_and_a_round_sent_again(
+    tiny_llama: Path, server_identity: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Standalone keeps each client's own adapter between rounds; in deployment every message
-    runs in a fresh process, so it must come back from Flower's node state — exactly what the
-    algorithm's `client_state` hook returns, nothing guessed."""
+    runs in a fresh process, so it must come back from the node's checkpoint — exactly what the
+    algorithm's `client_state` hook returns, nothing guessed — and a round sent again (a resumed
+    ServerApp) starts from the state of the round before, not from the state it left."""
     import numpy as np
 
     from fedcollm.engines.flower import client_app
@@ -114,14 +114,17 @@ def test_client_state_survives_fresh_clientapp_processes(
             tiny_llama, tiny_llama, algorithm="standalone", federation={"rounds": 2, "num_clients": 2}
         )
     )
-    grid = NodesGrid(nodes(0, 1, total=2))
+    homes = {k: tmp_path / f"node-{k}" for k in (0, 1)}
+    grid = NodesGrid([{**cfg, "state-dir": str(homes[k])} for k, cfg in enumerate(nodes(0, 1, total=2))])
     flower = FlowerTransport(grid, config, FlowerOptions())  # type: ignore[arg-type]
     flower.connect()
     start = load_models(config, with_llm=False)[0]
 
     first = flower.fit(Payload(get_adapter(start.model), {"round": 1}), 1)
     for reply in first:
-        kept = _node_state(grid.contexts[200 + reply.client])
+        folder = client_app.client_state_dir(grid.contexts[200 + reply.client], flower.instance, reply.client)
+        assert folder.is_relative_to(homes[reply.client]), "each node checkpoints in its own folder"
+        kept = _node_checkpoint(folder, 1)
         assert sorted(kept) == ["adapter"]  # Standalone's client_state_keys, and nothing else
         assert all(np.array_equal(kept["adapter"][k], reply.arrays[k]) for k in reply.arrays)
     monkeypatch.setattr(client_app, "_BUILT", {})  # a fresh ClientApp process: nothing in memory
@@ -132,26 +135,48 @@ def test_client_state_survives_fresh_clientapp_processes(
         for a, b in zip(first, second, strict=True)
         for k in a.arrays
     )
+    monkeypatch.setattr(client_app, "_BUILT", {})
+    again = flower.fit(Payload({}, {"round": 2}), 2)
+    assert all(
+        np.array_equal(a.arrays[k], b.arrays[k]) for a, b in zip(second, again, strict=True) for k in a.arrays
+    )
+    other_run = FlowerTransport(grid, config, FlowerOptions())  # type: ignore[arg-type]
+    other_run.connect()
+    assert other_run.instance != flower.instance
+    monkeypatch.setattr(client_app, "_BUILT", {})
+    fresh = other_run.fit(Payload(get_adapter(start.model), {"round": 1}), 1)
+    assert all(
+        np.array_equal(a.arrays[k], b.arrays[k]) for a, b in zip(first, fresh, strict=True) for k in a.arrays
+    ), "a new run uses none of another run's checkpoints"
 
 
-def test_client_state_belongs_to_its_experiment_and_unstorable_state_is_refused(tiny_llama: Path) -> None:
+def test_client_state_belongs_to_its_experiment_and_unstorable_state_is_refused(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
     import numpy as np
 
     from fedcollm.algorithms import ALGORITHMS
     from fedcollm.engines.flower.client_app import restore_client_state, save_client_state
+    from fedcollm.experiment.checkpoint import CheckpointError
     from fedcollm.experiment.state import StateError
 
     config = build_config(tiny_config(tiny_llama, tiny_llama, algorithm="standalone"))
     algorithm = ALGORITHMS["standalone"](config)
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    folder = tmp_path / "client-0"
     client = SimpleNamespace(client_id=0, state={"adapter": {"w": np.arange(3.0)}, "cache": object()})
-    save_client_state(algorithm, client, context, key="experiment-a")  # type: ignore[arg-type]
-    fresh = SimpleNamespace(client_id=0, state={})
-    restore_client_state(algorithm, fresh, context, key="experiment-b")  # type: ignore[arg-type]
-    assert fresh.state == {}, "another experiment's state is never restored"
-    restore_client_state(algorithm, fresh, context, key="experiment-a")  # type: ignore[arg-type]
+    save_client_state(algorithm, client, folder, key="experiment-a", rnd=1)  # type: ignore[arg-type]
+    client.state["adapter"] = {"w": np.arange(3.0) + 10}
+    save_client_state(algorithm, client, folder, key="experiment-a", rnd=2)  # type: ignore[arg-type]
+    fresh = SimpleNamespace(client_id=0, state={"adapter": "stale"})
+    assert restore_client_state(algorithm, fresh, folder, key="experiment-a", up_to=0) is None  # type: ignore[arg-type]
+    assert fresh.state == {}, "before any checkpoint a client starts as a run starts it"
+    assert restore_client_state(algorithm, fresh, folder, key="experiment-a", up_to=1) == 1  # type: ignore[arg-type]
     assert list(fresh.state) == ["adapter"] and np.array_equal(fresh.state["adapter"]["w"], np.arange(3.0))
+    assert restore_client_state(algorithm, fresh, folder, key="experiment-a", up_to=5) == 2  # type: ignore[arg-type]
+    assert np.array_equal(fresh.state["adapter"]["w"], np.arange(3.0) + 10)
+    with pytest.raises(CheckpointError, match="another experiment"):
+        restore_client_state(algorithm, fresh, folder, key="experiment-b", up_to=2)  # type: ignore[arg-type]
 
-    client.state["adapter"] = {"w": object()}  # a value a node state cannot hold
+    client.state["adapter"] = {"w": object()}  # a value a checkpoint cannot hold
     with pytest.raises(StateError, match=r"client 0's state/adapter/w holds a object"):
-        save_client_state(algorithm, client, context, key="experiment-a")  # type: ignore[arg-type]
+        save_client_state(algorithm, client, folder, key="experiment-a", rnd=3)  # type: ignore[arg-type]

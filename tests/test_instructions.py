@@ -94,7 +94,9 @@ def test_unreadable_sources_are_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         read_instructions(tmp_path / "missing.jsonl")
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(DataError, match=r"unknown format \.txt; use \.jsonl, \.jsonl\.gz, \.json, \.csv, \.parquet"):
+    with pytest.raises(
+        DataError, match=r"unknown format \.txt; use \.jsonl, \.jsonl\.gz, \.json, \.csv, \.parquet"
+    ):
         read_instructions(tmp_path / "d.txt")
     datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"holds several splits \(train\); point at one"):

@@ -160,6 +160,12 @@ class Transport(Protocol):
         """Whether `fit_aggregate` computes the weighted mean without revealing any upload."""
         ...
 
+    @property
+    def clients_checkpoint_themselves(self) -> bool:
+        """Whether every client checkpoints its own state with each round (Flower's SuperNodes),
+        so the server's checkpoint holds none and a resume restores none."""
+        ...
+
     def fit(self, payload: Payload, rnd: int) -> list[ClientReply]:
         """Deliver `payload` to every client for its local update; return their replies."""
         ...

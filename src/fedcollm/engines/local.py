@@ -27,6 +27,9 @@ class InProcessTransport:
     secure = False
     """No secure aggregation: every party is in this process, the server sees every upload."""
 
+    clients_checkpoint_themselves = False
+    """The clients' state is in this process: the server's checkpoint holds it."""
+
     def __init__(
         self,
         algorithm: Algorithm,

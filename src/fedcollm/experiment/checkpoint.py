@@ -153,10 +153,15 @@ def load_checkpoint(folder: Path, experiment_key: str) -> Checkpoint:
     return Checkpoint(meta["round"], experiment_key, state, meta["record"], meta["rng"])
 
 
-def latest_checkpoint(run_dir: Path, experiment_key: str) -> tuple[Checkpoint | None, list[str]]:
-    """The newest usable checkpoint, and a note for every newer one that had to be skipped."""
+def latest_checkpoint(
+    run_dir: Path, experiment_key: str, up_to: int | None = None
+) -> tuple[Checkpoint | None, list[str]]:
+    """The newest usable checkpoint (of a round <= `up_to`, if given), and a note for every newer
+    one that had to be skipped."""
     notes: list[str] = []
     for folder in sorted((run_dir / CHECKPOINT_DIR).glob("round-*"), reverse=True):
+        if up_to is not None and folder.name[len("round-") :].isdigit() and int(folder.name[6:]) > up_to:
+            continue
         try:
             return load_checkpoint(folder, experiment_key), notes
         except CheckpointError as exc:

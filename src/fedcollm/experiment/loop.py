@@ -222,13 +222,15 @@ class _Checkpoints:
             return None
         clients = checkpoint.state["clients"]
         if self.algorithm.client_state_keys:
-            if clients is None:
+            if clients is None and not self.transport.clients_checkpoint_themselves:
                 raise CheckpointError(
                     f"cannot resume {self.algorithm.name!r} here: its clients keep state between rounds "
                     "that this checkpoint does not hold (it was written by an engine whose clients keep "
                     "their state themselves, as Flower's SuperNodes do); resume it on that engine"
                 )
-            self.transport.restore_client_states({int(k): v for k, v in clients.items()})
+            if clients is not None:
+                self.transport.restore_client_states({int(k): v for k, v in clients.items()})
+            # else each client restores its own checkpoint of the round before the next it is sent
         self.algorithm.restore_server_state(self.server, checkpoint.state["server"])
         self.recorder.restore(checkpoint.record)
         set_rng_state(checkpoint.rng)

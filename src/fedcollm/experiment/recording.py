@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,9 @@ class RunRecorder:
         self.config = config
         self.metrics: list[Metric] = []
         self.ledger = CommunicationLedger()
+        self.instance = uuid.uuid4().hex
+        """This run's identity, kept across resumes (in checkpoints): what clients that checkpoint
+        their own state (Flower's SuperNodes) bind it to, so no other run's state is used."""
         existing = out / "config.toml"
         if existing.exists() and not overwrite:
             if existing.read_text(encoding="utf-8") != config.to_toml():
@@ -137,6 +141,7 @@ class RunRecorder:
         snapshot: dict[str, Any] = {
             "metrics": [m.as_dict() for m in self.metrics],
             "communication": [self.ledger.rounds[r] for r in sorted(self.ledger.rounds)],
+            "instance": self.instance,
         }
         if self.tracker is not None:
             snapshot["tracking"] = self.tracker.state()
@@ -146,6 +151,7 @@ class RunRecorder:
         """Continue from a `snapshot`: metrics.jsonl is rewritten to hold exactly its metrics."""
         self.metrics = [Metric(**line) for line in snapshot["metrics"]]
         self.ledger = CommunicationLedger({int(e["round"]): dict(e) for e in snapshot["communication"]})
+        self.instance = str(snapshot.get("instance", self.instance))
         _atomic_write(
             self.out / "metrics.jsonl", "".join(json.dumps(m.as_dict()) + "\n" for m in self.metrics)
         )

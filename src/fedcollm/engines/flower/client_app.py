@@ -11,11 +11,13 @@ data, encoded; the SLM from the local converted-model cache) and then calls the 
 identical. The client's data never leaves this process: only the adapter and its training
 metrics (or, under SecAgg+, their masked form) are sent back.
 
-Between messages the client keeps exactly what the algorithm's `client_state` hook returns, in
-Flower's node state (`Context.state`), bound to the experiment it belongs to. In deployment each
-message runs in a fresh process, so that node state is all that carries over; in simulation a Ray
-actor serves many messages and also keeps what it built (one SLM per process, shared by the
-partitions it serves, as in the embedded engine).
+Between messages the client keeps exactly what the algorithm's `client_state` hook returns, as
+a checkpoint on the node's disk per round (`client_state_dir`: atomic, checksummed, bound to the
+experiment and to the run instance the server names), so it survives fresh ClientApp processes
+(in deployment each message runs in one), a SuperNode restart and a resumed ServerApp, which
+re-sends a round and finds each client's state of the round before. In simulation a Ray actor
+serves many messages and also keeps what it built (one SLM per process, shared by the partitions
+it serves, as in the embedded engine).
 
 This module imports no torch: the SecAgg+ key-exchange stages run in fresh processes too, and
 must not pay for loading a model stack. The model stack is imported by the handlers that train.
@@ -24,8 +26,10 @@ must not pay for loading a model stack. The model stack is imported by the handl
 from __future__ import annotations
 
 import hashlib
-import json
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -46,11 +50,6 @@ if TYPE_CHECKING:
     from fedcollm.protocol import ClientReply
 
 app = ClientApp()
-
-STATE_ARRAYS = "fedcollm.client_state"
-"""Node-state record of the arrays of the algorithm's client state."""
-STATE_LAYOUT = "fedcollm.client_state.layout"
-"""Node-state record of the layout of that state, and the experiment it belongs to."""
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -184,27 +183,61 @@ def experiment_key(experiment: str) -> str:
     return hashlib.sha256(experiment.encode()).hexdigest()
 
 
-def save_client_state(algorithm: Algorithm, client: ClientRuntime, context: Context, key: str) -> None:
-    """Keep exactly `algorithm.client_state(client)` in the node state, bound to experiment `key`.
+STATE_DIR = "fedcollm-client-state"
+"""Where a node checkpoints its clients' state, under its `FLWR_HOME` (or node config `state-dir`)."""
+
+
+def client_state_dir(context: Context, instance: str, client: int) -> Path:
+    """This node's checkpoint folder for client `client` of run `instance`: its node config's
+    `state-dir`, else `$FLWR_HOME/fedcollm-client-state` (the SuperNode's own home), else
+    `~/.flwr/fedcollm-client-state`. It stays on the node: nothing in it is ever sent."""
+    if not re.fullmatch(r"[0-9a-f]{32}", instance):
+        raise FlowerEngineError(f"the server named run instance {instance!r}; expected 32 hex digits")
+    base = context.node_config.get("state-dir")
+    if base is not None:
+        root = Path(str(base)).expanduser()
+    else:
+        root = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")) / STATE_DIR
+    return root / instance / f"client-{client}"
+
+
+def _keep_last(config: ExperimentConfig) -> int | None:
+    """Client checkpoints to keep: one more than the server keeps (a resume from the server's
+    oldest kept round needs the client's state before it); two with checkpoints off."""
+    if not config.checkpoint.enabled:
+        return 2
+    return None if not config.checkpoint.keep_last else config.checkpoint.keep_last + 1
+
+
+def save_client_state(algorithm: Algorithm, client: ClientRuntime, folder: Path, key: str, rnd: int) -> None:
+    """Checkpoint exactly `algorithm.client_state(client)` after round `rnd` into `folder`,
+    atomically and checksummed, bound to experiment `key` (`fedcollm.experiment.checkpoint`).
 
     Raises `StateError` naming the entry if the state holds a value that cannot be stored.
     """
+    from fedcollm.experiment.checkpoint import Checkpoint, save_checkpoint
     from fedcollm.experiment.state import flatten_state
 
-    layout, arrays = flatten_state(algorithm.client_state(client), f"client {client.client_id}'s state")
-    context.state[STATE_ARRAYS] = records.to_array_record(arrays)
-    context.state[STATE_LAYOUT] = ConfigRecord({"experiment": key, "layout": json.dumps(layout)})
+    state = algorithm.client_state(client)
+    flatten_state(state, f"client {client.client_id}'s state")  # names an unstorable entry
+    checkpoint = Checkpoint(rnd, key, {"client": state}, record={}, rng={})
+    save_checkpoint(folder, checkpoint, keep_last=_keep_last(algorithm.config))
 
 
-def restore_client_state(algorithm: Algorithm, client: ClientRuntime, context: Context, key: str) -> None:
-    """Give `client` back the state `save_client_state` kept for experiment `key` (if any)."""
-    from fedcollm.experiment.state import unflatten_state
+def restore_client_state(
+    algorithm: Algorithm, client: ClientRuntime, folder: Path, key: str, up_to: int
+) -> int | None:
+    """Give `client` the state of its newest checkpoint of a round <= `up_to` for experiment
+    `key` (none: the state it starts a run with); the round restored, or None."""
+    from fedcollm.experiment.checkpoint import latest_checkpoint
 
-    saved = context.state.config_records.get(STATE_LAYOUT)
-    if saved is None or saved["experiment"] != key:
-        return
-    arrays = records.from_array_record(context.state.array_records[STATE_ARRAYS])
-    algorithm.restore_client_state(client, unflatten_state(json.loads(str(saved["layout"])), arrays))
+    for name in algorithm.client_state_keys:
+        client.state.pop(name, None)
+    checkpoint, _ = latest_checkpoint(folder, key, up_to=up_to)
+    if checkpoint is None:
+        return None
+    algorithm.restore_client_state(client, checkpoint.state["client"])
+    return checkpoint.round
 
 
 def _quiet() -> None:
@@ -226,11 +259,16 @@ def _run_client_hook(
     config, client = _runtime(request.experiment, client_id, context)
     algorithm = ALGORITHMS[config.algorithm](config)
     key = experiment_key(request.experiment)
-    restore_client_state(algorithm, client, context, key)
+    folder = client_state_dir(context, request.instance, client_id)
+    # A round's update starts from the state after the round before (also when this round is
+    # run again after a resume); an evaluation scores the state after its own round's update.
+    up_to = request.rnd - 1 if hook == "client_fit" else request.rnd
+    restore_client_state(algorithm, client, folder, key, up_to)
     payload = Payload(arrays=request.arrays, config=request.config)
     run: dict[str, Any] = {"client_fit": algorithm.client_fit, "client_evaluate": algorithm.client_evaluate}
     reply = run[hook](client, payload, request.rnd, Reporter())
-    save_client_state(algorithm, client, context, key)
+    if algorithm.client_state_keys:
+        save_client_state(algorithm, client, folder, key, request.rnd)
     return algorithm, request, reply
 
 

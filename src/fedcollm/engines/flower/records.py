@@ -74,13 +74,22 @@ class TrainRequest:
     arrays: Arrays
     config: dict[str, Scalar] = field(default_factory=dict)
     hold: bool = False
+    instance: str = ""
+    """The run instance (kept across resumes) whose client checkpoints the client uses."""
 
     def to_record(self) -> RecordDict:
         return RecordDict(
             {
                 PAYLOAD_ARRAYS: to_array_record(self.arrays),
                 PAYLOAD_CONFIG: ConfigRecord(dict(self.config)),
-                RUN: ConfigRecord({"round": self.rnd, "experiment": self.experiment, "hold": self.hold}),
+                RUN: ConfigRecord(
+                    {
+                        "round": self.rnd,
+                        "experiment": self.experiment,
+                        "hold": self.hold,
+                        "instance": self.instance,
+                    }
+                ),
             }
         )
 
@@ -94,6 +103,7 @@ class TrainRequest:
             arrays=from_array_record(content.array_records[PAYLOAD_ARRAYS]),
             config={key: scalar(settings, key) for key in settings},
             hold=bool(scalar(run, "hold")),
+            instance=str(scalar(run, "instance")),
         )
 
 

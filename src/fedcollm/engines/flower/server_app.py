@@ -56,7 +56,7 @@ def serve(
         resources=resources,
         secure_aggregation=options.secagg,
     )
-    transport = FlowerTransport(grid, config, options, reporter)
+    transport = FlowerTransport(grid, config, options, reporter, recorder)
     if algorithm.uses_clients:
         transport.connect()
     run_rounds(algorithm, server, transport, recorder, reporter, resume=resume)

@@ -18,11 +18,13 @@ remain; nodes that come back are used again from the next round.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedcollm.engines.flower import records
@@ -41,6 +43,7 @@ from fedcollm.protocol import ClientReply, ClientStates, Payload, Reporter, Secu
 
 if TYPE_CHECKING:
     from fedcollm.config import ExperimentConfig
+    from fedcollm.experiment.recording import RunRecorder
 
 
 class PollingGrid:
@@ -91,7 +94,10 @@ class FlowerTransport:
         config: ExperimentConfig,
         options: FlowerOptions,
         reporter: Reporter | None = None,
+        recorder: RunRecorder | None = None,
     ) -> None:
+        """`recorder`: the run's, whose `instance` (kept across resumes) binds the clients'
+        checkpoints to this run; without one, a fresh instance per transport."""
 
         self.grid = PollingGrid(grid)
         self.config = config
@@ -103,6 +109,8 @@ class FlowerTransport:
         """node id -> client id, for nodes that said hello."""
         self.failures: dict[int, dict[int, str]] = {}
         """round -> client id -> why it is missing from that round."""
+        self.recorder = recorder
+        self._instance = uuid.uuid4().hex
         self.data_errors: dict[int, str] | None = None
         """client id -> why its data cannot be used (asked once, before the first round)."""
         self.secagg_settings: dict[int, SecAggSettings] = {}
@@ -111,6 +119,14 @@ class FlowerTransport:
     @property
     def secure(self) -> bool:
         return self.options.secagg
+
+    @property
+    def instance(self) -> str:
+        """The run instance named in every request (the clients' checkpoints are bound to it)."""
+        return self.recorder.instance if self.recorder is not None else self._instance
+
+    clients_checkpoint_themselves = True
+    """Each SuperNode checkpoints its client's state with every round, on its own disk."""
 
     def client_states(self) -> ClientStates | None:
         """None: each client's state lives on its SuperNode, not in the server's process."""
@@ -166,6 +182,10 @@ class FlowerTransport:
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
         for reply in replies:
             node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                # A node that died (the SuperLink lists it until its heartbeats lapse) is not a
+                # misconfigured one: wait for it to leave, or for its restarted self to say hello.
+                continue
             try:
                 self._register(node, reply, online)
             except FlowerEngineError as exc:
@@ -263,6 +283,7 @@ class FlowerTransport:
             arrays=payload.arrays,
             config=dict(payload.config),
             hold=hold,
+            instance=self.instance,
         )
         messages = [
             Message(
