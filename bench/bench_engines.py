@@ -1,17 +1,23 @@
 """Seconds per round: embedded vs Flower simulation vs Flower deployment, with and without SecAgg+.
 
 Runs one experiment (by default `configs/default.toml`, the default models: Gemma-3-270M server,
-SmolLM2-135M clients, cut to a CPU-sized slice) on every engine and prints a markdown table.
+SmolLM2-135M clients, cut to a CPU-sized slice) on every engine and prints a markdown table with
+each engine's mean round as a multiple of the embedded engine's, measured in the same run.
 A round is timed from its start to the start of the next round (the last one: to the final
-evaluation), so loading and the evaluation before training are excluded.
+evaluation), so the server's loading and the evaluation before training are excluded; what the
+clients load (in deployment: in their workers, or in every ClientApp process without them) is in
+the rounds. Deployment runs its SuperNodes with the node workers (`node_worker`, the default)
+and, as `deployment-no-worker`, without them (a fresh process and load per message).
 
-    .venv/bin/python bench/bench_engines.py                       # all five variants
+    .venv/bin/python bench/bench_engines.py --engines embedded,deployment,deployment-no-worker
+    .venv/bin/python bench/bench_engines.py                       # every variant
     .venv/bin/python bench/bench_engines.py --engines embedded,simulation --set task.train_limit=40
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import statistics
@@ -19,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import environment
 from fedcollm.config import load_config
 from fedcollm.engines import run_experiment
 from fedcollm.engines.flower import FlowerOptions
@@ -31,7 +38,14 @@ DEFAULT_SET = [
     "eval.limit=20",
     "eval.every_round=false",
 ]
-VARIANTS = ("embedded", "simulation", "simulation-secagg", "deployment", "deployment-secagg")
+VARIANTS = (
+    "embedded",
+    "simulation",
+    "simulation-secagg",
+    "deployment",
+    "deployment-secagg",
+    "deployment-no-worker",
+)
 
 
 class TimingReporter(Reporter):
@@ -85,6 +99,7 @@ def run_variant(variant: str, config_path: Path, overrides: list[str], work: Pat
                     "set": shlex.join(overrides),
                     "out": out.resolve(),
                     "secagg": variant.endswith("secagg"),
+                    "node-worker": not variant.endswith("no-worker"),
                 }
             )
             federation.wait(run_id, timeout=4 * 3600)
@@ -96,6 +111,13 @@ def run_variant(variant: str, config_path: Path, overrides: list[str], work: Pat
     engine = "local" if variant == "embedded" else "flower"
     options = FlowerOptions(secagg=variant.endswith("secagg"))
     run_experiment(config, out, overwrite=True, reporter=reporter, engine=engine, flower=options)
+    (out / "events.log").write_text(
+        "".join(
+            f"{time.strftime('%H:%M:%S', time.localtime(t))}.{int(t * 1000) % 1000:03d} {text}\n"
+            for t, text in reporter.events
+        ),
+        encoding="utf-8",
+    )
     return round_seconds(reporter.events, time.time())
 
 
@@ -110,6 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = DEFAULT_SET + (args.set or [])
     config = load_config(args.config, overrides)
+    print(json.dumps(environment()), file=sys.stderr)
     print(
         f"{config.name}: {config.algorithm}, server {config.llm.name if config.llm else '-'}, "
         f"{config.federation.num_clients} clients on {config.slm.name}, overrides {overrides}",

@@ -28,7 +28,7 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 
 def answer_ids(tokenizer: object, requests: list, add_bos: bool) -> list[tuple[int, ...]]:
     """Each request's gold answer tokens, encoded as training encodes them (no length cut)."""
-    from fedcollm.lm.encoding import encode_sft
+    from fedcollm.lm.training_items import encode_sft
 
     return [e.answer_ids for e in encode_sft(tokenizer, requests, add_bos=add_bos, max_length=10**6)]  # type: ignore[arg-type]
 

@@ -133,11 +133,29 @@ def quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; the platform's processor string elsewhere)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict[str, Any]:
-    """What the figures depend on: torch version and threads, CPU count, load average now."""
+    """What the figures depend on: the CPU and the instruction sets torch uses on it (bf16 in
+    hardware or not), torch version and threads, CPU count, load average now."""
     import torch
 
+    capabilities = torch.cpu.get_capabilities()
+    isa = [name for name in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16") if capabilities.get(name)]
     return {
+        "cpu": cpu_model(),
+        "cpu_isa": isa,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),

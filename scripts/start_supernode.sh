@@ -5,6 +5,7 @@
 #
 #   scripts/start_supernode.sh --superlink HOST:PORT --partition-id K --num-partitions N
 #                              [--data FILE] [--ca FILE] [--key FILE] [--port PORT] [--home DIR]
+#                              [--node-config 'KEY=VALUE ...']
 #
 #   --data FILE   this site's own training file (node config data-path; for experiments with
 #                 task.client_source = "files"); read by this site's ClientApp, sent nowhere
@@ -13,9 +14,11 @@
 #   --port PORT   this SuperNode's local Runtime API port (default 9094; must differ between
 #                 SuperNodes on one machine)
 #   --home DIR    FLWR_HOME (default ./.flwr/supernode-K)
+#   --node-config further node config, e.g. 'device="cuda:0" threads=8 worker-idle-timeout=7200'
+#                 (docs/deployment.md lists the keys)
 set -euo pipefail
 source "$(dirname "$0")/_flower_env.sh"
-superlink="" partition="" partitions="" data="" ca="" key="" port=9094 home=""
+superlink="" partition="" partitions="" data="" ca="" key="" port=9094 home="" extra=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --superlink) superlink=$2; shift 2 ;;
@@ -26,6 +29,7 @@ while [[ $# -gt 0 ]]; do
     --key) key=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
     --home) home=$2; shift 2 ;;
+    --node-config) extra=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -38,6 +42,7 @@ if [[ -n "$data" ]]; then
   [[ -e "$data" ]] || { echo "--data $data: no such file or folder" >&2; exit 2; }
   node_config+=" data-path=\"$(realpath "$data")\""
 fi
+if [[ -n "$extra" ]]; then node_config+=" $extra"; fi
 args=(flower-supernode --superlink "$superlink" --port "$port" --node-config "$node_config")
 if [[ -n "$ca" ]]; then args+=(--root-certificates "$ca"); else args+=(--insecure); fi
 if [[ -n "$key" ]]; then args+=(--auth-supernode-private-key "$key"); fi

@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from flwr.app import Context, Error, Message, RecordDict
 
+from fedcollm.engines.flower.client_app import app as client_app
 from fedcollm.experiment.checkpoint import CHECKPOINT_DIR
 
 
@@ -160,3 +163,42 @@ def event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()[SCALARS]}
+
+
+# ---------------------------------------------------------------------------------------------
+# SuperNodes in this process
+
+
+class NodesGrid:
+    """SuperNodes with the given node configs, answering through the real ClientApp."""
+
+    def __init__(self, node_configs: list[dict]) -> None:
+        self.contexts = {
+            200 + i: Context(run_id=1, node_id=200 + i, node_config=cfg, state=RecordDict(), run_config={})
+            for i, cfg in enumerate(node_configs)
+        }
+        self.replies: dict[str, object] = {}
+        self.run = SimpleNamespace(run_id=1)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:  # type: ignore[no-untyped-def]
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            ids.append(message.metadata.message_id)
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                reply = client_app(message=message, context=context)
+            except Exception as exc:  # as Flower's runtime does: an error reply
+                reply = Message(Error(code=2, reason=str(exc)), reply_to=message)
+            self.replies[ids[-1]] = reply
+        return ids
+
+    def pull_messages(self, ids) -> list:  # type: ignore[no-untyped-def]
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def nodes(*ids: int, total: int = 3) -> list[dict]:
+    return [{"partition-id": i, "num-partitions": total} for i in ids]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fedcollm.algorithms.crosslm.algorithm as crosslm_module
+import fedcollm.algorithms.crosslm.kinds as crosslm_kinds
 from fedcollm.algorithms.crosslm.algorithm import CANDIDATES, FEEDBACK, SYNTHETIC, CrossLM, feedback_weights
 from fedcollm.algorithms.crosslm.synthetic import (
     DUPLICATE,
@@ -98,20 +99,20 @@ def test_train_sft_with_a_zero_weight_example_matches_training_without_it(tiny_l
 
 def test_feedback_weights_zero_below_threshold_and_favour_better_scores() -> None:
     # 4 choices: chance 0.25; advantages 0.867, -0.2, 0.333, 0.067
-    weights = feedback_weights(np.array([0.9, 0.1, 0.5, 0.3]), 4, threshold=0.05)
+    weights = feedback_weights(np.array([0.9, 0.1, 0.5, 0.3]), 1 / 4, threshold=0.05)
     assert weights[1] == 0.0
     assert weights[0] > weights[2] > weights[3] > 0
     assert np.isclose(weights[weights > 0].mean(), 1.0)
     assert np.allclose(weights[[0, 2, 3]] / weights[0], np.array([0.65, 0.25, 0.05]) / 0.65)
-    assert not feedback_weights(np.array([0.1, 0.2]), 4, threshold=0.5).any()
+    assert not feedback_weights(np.array([0.1, 0.2]), 1 / 4, threshold=0.5).any()
 
 
 def test_feedback_threshold_is_relative_to_chance_of_each_candidate() -> None:
     # 0.3 is above chance for 4 choices (0.25) but below it for 3 (0.333...)
-    weights = feedback_weights(np.array([0.3, 0.3]), np.array([4, 3]), threshold=0.0)
+    weights = feedback_weights(np.array([0.3, 0.3]), 1 / np.array([4, 3]), threshold=0.0)
     assert weights[0] > 0 and weights[1] == 0.0
     # a score exactly at chance never counts, even with threshold 0
-    assert not feedback_weights(np.array([0.2]), 5, threshold=0.0).any()
+    assert not feedback_weights(np.array([0.2]), 1 / 5, threshold=0.0).any()
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -315,7 +316,7 @@ def test_tiny_run_with_a_scripted_generator_trains_both_sides_and_saves_each_rou
 
     calls: list[int] = []
     monkeypatch.setattr(crosslm_module, "generate_texts", scripted)
-    monkeypatch.setattr(crosslm_module, "choice_probabilities", confident)
+    monkeypatch.setattr(crosslm_kinds, "choice_probabilities", confident)
     config = build_config(_crosslm_config(tiny_llama, tiny_llama_big, score_threshold=0.0))
     out = tmp_path / "run"
     run_experiment(config, out)
@@ -375,7 +376,7 @@ def _one_round_with(
     llm_sft = crosslm_module.llm_sft
     monkeypatch.setattr(crosslm_module, "generate_texts", scripted)
     monkeypatch.setattr(crosslm_module, "llm_sft", recording_sft)
-    monkeypatch.setattr(crosslm_module, "choice_probabilities", lambda lm, qs, **kw: np.full(len(qs), 0.9))
+    monkeypatch.setattr(crosslm_kinds, "choice_probabilities", lambda lm, qs, **kw: np.full(len(qs), 0.9))
     return prompts, trained
 
 

@@ -21,7 +21,6 @@ from fedcollm.engines import run_experiment
 from fedcollm.engines.flower import FlowerEngineError, FlowerOptions
 from fedcollm.engines.flower.deploy import LocalFederation
 from fedcollm.engines.flower.transport import FlowerTransport
-from fedcollm.engines.supervision import descendants
 from tests.helpers import ALGORITHM_CONFIGS, Interrupted, TinyModels, assert_no_processes_left, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -74,19 +73,6 @@ def test_a_simulation_stopped_mid_round_resumes_like_a_run_that_never_stopped(
     _assert_same_run(tmp_path / "simulation", tmp_path / "embedded")
 
 
-def _serverapps(federation: LocalFederation) -> list[int]:
-    assert federation.superlink is not None
-    found = []
-    for pid in descendants(federation.superlink.proc.pid):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "flwr-serverapp" in command:
-            found.append(pid)
-    return found
-
-
 def _wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():
@@ -113,7 +99,7 @@ def test_a_deployment_whose_serverapp_is_killed_mid_round_resumes_also_after_a_s
         first = federation.submit(run_config)
         # Client 0 has trained round 2 and checkpointed it on its node: the round is under way.
         _wait_for(lambda: any(node_home.rglob("round-0002")), 600, "client 0's round-2 checkpoint")
-        serverapps = _serverapps(federation)
+        serverapps = federation.serverapp_pids()
         assert serverapps, "no ServerApp process found"
         for pid in serverapps:
             os.kill(pid, signal.SIGKILL)

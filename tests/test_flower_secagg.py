@@ -294,17 +294,17 @@ def secagg_round(monkeypatch: pytest.MonkeyPatch, config, replies):  # type: ign
 
     from flwr.app import Context, RecordDict
 
-    from fedcollm.engines.flower import client_app, records
+    from fedcollm.engines.flower import client_work
     from fedcollm.engines.flower.transport import FlowerTransport
     from fedcollm.protocol import Payload
 
-    def local_fit(hook, msg, context):  # type: ignore[no-untyped-def]
+    def local_fit(hook, request, node_config):  # type: ignore[no-untyped-def]
         """The algorithm's client_fit as far as the transport sees it: an adapter and metrics."""
-        k = int(context.node_config["partition-id"])
+        k = int(node_config["partition-id"])
         algorithm = SimpleNamespace(from_wire=lambda arrays: arrays, config=config)
-        return algorithm, records.TrainRequest.from_record(msg.content), replies[k]
+        return algorithm, replies[k]
 
-    monkeypatch.setattr(client_app, "_run_client_hook", local_fit)
+    monkeypatch.setattr(client_work, "run_hook", local_fit)
     contexts = {
         100 + k: Context(
             run_id=1,
@@ -316,7 +316,8 @@ def secagg_round(monkeypatch: pytest.MonkeyPatch, config, replies):  # type: ign
         for k in range(len(replies))
     }
     grid = LossyGrid(contexts, {})
-    transport = FlowerTransport(grid, config, FlowerOptions(secagg=True))  # type: ignore[arg-type]
+    options = FlowerOptions(secagg=True, node_worker=False)  # the stubbed client_fit runs here
+    transport = FlowerTransport(grid, config, options)  # type: ignore[arg-type]
     transport.connect()
     start = {name: np.zeros_like(array) for name, array in replies[0].arrays.items()}
     return transport, grid, transport.fit_aggregate(Payload(start, {"round": 1}), 1)

@@ -6,44 +6,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
 
 from fedcollm.config import build_config
 from fedcollm.engines.flower import FlowerEngineError, FlowerOptions
-from fedcollm.engines.flower.client_app import app
 from fedcollm.engines.flower.transport import FlowerTransport
-from tests.helpers import tiny_config
-
-
-class NodesGrid:
-    """SuperNodes with the given node configs, answering through the real ClientApp."""
-
-    def __init__(self, node_configs: list[dict]) -> None:
-        self.contexts = {
-            200 + i: Context(run_id=1, node_id=200 + i, node_config=cfg, state=RecordDict(), run_config={})
-            for i, cfg in enumerate(node_configs)
-        }
-        self.replies: dict[str, object] = {}
-        self.run = SimpleNamespace(run_id=1)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages) -> list[str]:  # type: ignore[no-untyped-def]
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            ids.append(message.metadata.message_id)
-            context = self.contexts[message.metadata.dst_node_id]
-            try:
-                reply = app(message=message, context=context)
-            except Exception as exc:  # as Flower's runtime does: an error reply
-                reply = Message(Error(code=2, reason=str(exc)), reply_to=message)
-            self.replies[ids[-1]] = reply
-        return ids
-
-    def pull_messages(self, ids) -> list:  # type: ignore[no-untyped-def]
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+from tests.helpers import NodesGrid, nodes, tiny_config
 
 
 def transport(node_configs: list[dict], num_clients: int = 3) -> FlowerTransport:
@@ -51,10 +18,6 @@ def transport(node_configs: list[dict], num_clients: int = 3) -> FlowerTransport
         tiny_config(Path("slm"), Path("llm"), federation={"rounds": 1, "num_clients": num_clients})
     )
     return FlowerTransport(NodesGrid(node_configs), config, FlowerOptions(connect_timeout=0.0))  # type: ignore[arg-type]
-
-
-def nodes(*ids: int, total: int = 3) -> list[dict]:
-    return [{"partition-id": i, "num-partitions": total} for i in ids]
 
 
 def test_supernodes_are_matched_to_clients_by_their_node_config(server_identity: None) -> None:
@@ -98,13 +61,14 @@ def _node_checkpoint(folder: Path, rnd: int) -> dict:
 def test_client_state_survives_fresh_clientapp_processes_and_a_round_sent_again(
     tiny_llama: Path, server_identity: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Standalone keeps each client's own adapter between rounds; in deployment every message
-    runs in a fresh process, so it must come back from the node's checkpoint — exactly what the
-    algorithm's `client_state` hook returns, nothing guessed — and a round sent again (a resumed
-    ServerApp) starts from the state of the round before, not from the state it left."""
+    """Standalone keeps each client's own adapter between rounds; a process that answers a
+    message may be fresh (a ClientApp without a node worker, a restarted worker), so it must come
+    back from the node's checkpoint — exactly what the algorithm's `client_state` hook returns,
+    nothing guessed — and a round sent again (a resumed ServerApp) starts from the state of the
+    round before, not from the state it left."""
     import numpy as np
 
-    from fedcollm.engines.flower import client_app
+    from fedcollm.engines.flower import client_work
     from fedcollm.lm.lora import get_adapter
     from fedcollm.parties.loading import load_models
     from fedcollm.protocol import Payload
@@ -116,18 +80,20 @@ def test_client_state_survives_fresh_clientapp_processes_and_a_round_sent_again(
     )
     homes = {k: tmp_path / f"node-{k}" for k in (0, 1)}
     grid = NodesGrid([{**cfg, "state-dir": str(homes[k])} for k, cfg in enumerate(nodes(0, 1, total=2))])
-    flower = FlowerTransport(grid, config, FlowerOptions())  # type: ignore[arg-type]
+    in_process = FlowerOptions(node_worker=False)
+    flower = FlowerTransport(grid, config, in_process)  # type: ignore[arg-type]
     flower.connect()
     start = load_models(config, with_llm=False)[0]
 
     first = flower.fit(Payload(get_adapter(start.model), {"round": 1}), 1)
     for reply in first:
-        folder = client_app.client_state_dir(grid.contexts[200 + reply.client], flower.instance, reply.client)
+        node_config = grid.contexts[200 + reply.client].node_config
+        folder = client_work.client_state_dir(node_config, flower.instance, reply.client)
         assert folder.is_relative_to(homes[reply.client]), "each node checkpoints in its own folder"
         kept = _node_checkpoint(folder, 1)
         assert sorted(kept) == ["adapter"]  # Standalone's client_state_keys, and nothing else
         assert all(np.array_equal(kept["adapter"][k], reply.arrays[k]) for k in reply.arrays)
-    monkeypatch.setattr(client_app, "_BUILT", {})  # a fresh ClientApp process: nothing in memory
+    monkeypatch.setattr(client_work, "_BUILT", {})  # a fresh ClientApp process: nothing in memory
     second = flower.fit(Payload({}, {"round": 2}), 2)
     assert [r.client for r in second] == [0, 1]
     assert all(
@@ -135,15 +101,15 @@ def test_client_state_survives_fresh_clientapp_processes_and_a_round_sent_again(
         for a, b in zip(first, second, strict=True)
         for k in a.arrays
     )
-    monkeypatch.setattr(client_app, "_BUILT", {})
+    monkeypatch.setattr(client_work, "_BUILT", {})
     again = flower.fit(Payload({}, {"round": 2}), 2)
     assert all(
         np.array_equal(a.arrays[k], b.arrays[k]) for a, b in zip(second, again, strict=True) for k in a.arrays
     )
-    other_run = FlowerTransport(grid, config, FlowerOptions())  # type: ignore[arg-type]
+    other_run = FlowerTransport(grid, config, in_process)  # type: ignore[arg-type]
     other_run.connect()
     assert other_run.instance != flower.instance
-    monkeypatch.setattr(client_app, "_BUILT", {})
+    monkeypatch.setattr(client_work, "_BUILT", {})
     fresh = other_run.fit(Payload(get_adapter(start.model), {"round": 1}), 1)
     assert all(
         np.array_equal(a.arrays[k], b.arrays[k]) for a, b in zip(first, fresh, strict=True) for k in a.arrays
@@ -156,7 +122,7 @@ def test_client_state_belongs_to_its_experiment_and_unstorable_state_is_refused(
     import numpy as np
 
     from fedcollm.algorithms import ALGORITHMS
-    from fedcollm.engines.flower.client_app import restore_client_state, save_client_state
+    from fedcollm.engines.flower.client_work import restore_client_state, save_client_state
     from fedcollm.experiment.checkpoint import CheckpointError
     from fedcollm.experiment.state import StateError
 

@@ -25,12 +25,12 @@ def test_a_seed_moves_the_partition_but_not_the_evaluation_questions(
     assert other.seed == 7 and other.eval_seed == base.seed
     a, b = ExperimentData.load(base), ExperimentData.load(other)
     assert a.split != b.split
-    assert [q.id for q in a.eval_questions] == [q.id for q in b.eval_questions]
+    assert [q.id for q in a.eval_records] == [q.id for q in b.eval_records]
     # The seed the base experiment had is the base experiment itself (its runs are reused).
     assert with_seed(base, base.seed) is base
     # Without the pin, the seed would draw other questions: the pin is what keeps them.
     unpinned = build_config({**base.model_dump(mode="json"), "seed": 7})
-    assert [q.id for q in ExperimentData.load(unpinned).eval_questions] != [q.id for q in a.eval_questions]
+    assert [q.id for q in ExperimentData.load(unpinned).eval_records] != [q.id for q in a.eval_records]
     # A variant for another task keeps the pinned evaluation seed.
     assert variant(other, "commonsense_qa", "fedavg").eval_seed == base.seed
 

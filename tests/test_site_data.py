@@ -181,14 +181,14 @@ def test_each_client_reads_its_own_file_and_a_node_path_takes_precedence(
     data = ExperimentData.load(config)
     assert data.split.clients == ()
     assert data.split.aux, "the server's auxiliary set still comes from the task's training split"
-    assert [len(data.client_questions(config, k)) for k in (0, 1)] == [3, 5]
-    assert len(data.client_questions(config, 1, str(node))) == 7
+    assert [len(data.client_records(config, k)) for k in (0, 1)] == [3, 5]
+    assert len(data.client_records(config, 1, str(node))) == 7
     nameless = build_config({**base, "task": {**base["task"], "client_source": "files"}})
     with pytest.raises(DataError, match=r"client 1 has no data file.*data-path"):
-        ExperimentData.load(nameless).client_questions(nameless, 1)
+        ExperimentData.load(nameless).client_records(nameless, 1)
     partitioned = build_config(base)
     with pytest.raises(DataError, match="client 0: its SuperNode names data-path"):
-        ExperimentData.load(partitioned).client_questions(partitioned, 0, str(node))
+        ExperimentData.load(partitioned).client_records(partitioned, 0, str(node))
 
 
 # --------------------------------------------------------------------------------------------

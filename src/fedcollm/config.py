@@ -43,9 +43,14 @@ LM_EVAL_SPLITS: dict[str, str] = {
     "arc_challenge": "test",
     "openbookqa": "test",
     "commonsense_qa": "validation",
+    "nq_open": "test",
+    "trivia_qa": "test",
+    "arc_easy_gen": "test",
+    "arc_challenge_gen": "test",
 }
-"""The split lm-evaluation-harness 0.4 scores each packaged task on (its task YAML's `test_split`
-where the task has labelled test answers; CommonsenseQA's are not public, so `validation`)."""
+"""The split each packaged task is evaluated on: lm-evaluation-harness 0.4's (its task YAML's
+`test_split` where the task has labelled test answers; CommonsenseQA's are not public, so
+`validation`), and for the short-answer QA sets the project's own test cut (`fedcollm.data.qa`)."""
 
 
 def default_eval_split(task: str) -> str:
@@ -152,8 +157,17 @@ class ModelConfig(_Section):
 class TaskConfig(_Section):
     """The data: which task, where from, how it is split between server and clients."""
 
-    name: str = Field("arc_easy", description="Task name (see `fedcollm.data.TASKS`).")
-    source: str = Field("auto", description='"auto", "olmo", "hub" or a path to a JSONL file.')
+    name: str = Field(
+        "arc_easy",
+        description="Task name: multiple choice (arc_easy, arc_challenge, openbookqa, commonsense_qa), "
+        "short-answer QA answered in free text (nq_open, trivia_qa, arc_easy_gen, arc_challenge_gen), "
+        'or "instructions" (your own instruction or chat files; docs/data.md).',
+    )
+    source: str = Field(
+        "auto",
+        description='"auto", "olmo", "hub" or a path to a file (a JSONL question file; for '
+        '"instructions" the training file).',
+    )
     format: str = Field("lm_eval", description='Prompt format: "lm_eval" or "answer_text".')
     train_split: str = Field("train", description="Split the clients' shards and D_a come from.")
     eval_split: str | None = Field(
@@ -206,6 +220,25 @@ class TaskConfig(_Section):
         default_factory=list,
         description="Fields besides question, choices and gold that every record of a client's "
         'file must hold (e.g. ["topic"]); a file that lacks one is refused before the first round.',
+    )
+    plain_template: Literal["alpaca", "turns"] = Field(
+        "alpaca",
+        description='Conversations ("instructions" task) are rendered with each model\'s own chat '
+        "template; a model without one uses this plain template: alpaca (Stanford Alpaca's "
+        'instruction prompt) or turns ("User:" / "Assistant:" lines, for multi-turn chats).',
+    )
+    aux_data: str | None = Field(
+        None,
+        description="The server's own auxiliary set D_a (FedMKT's public set), a file read where the "
+        "server runs (question file for multiple-choice tasks, instruction or chat file for "
+        '"instructions"); none = the aux_fraction share of the training split. With a file, every '
+        "training record goes to the clients.",
+    )
+    eval_data: str | None = Field(
+        None,
+        description="The server's own evaluation set, a file read where the server runs (required for "
+        'task "instructions"); none = the task\'s evaluation split. eval.limit draws from it as from '
+        "a split.",
     )
 
 
@@ -400,7 +433,20 @@ class EvalConfig(_Section):
         "scores the same questions while partition, LoRA initialisation, shuffling and dropout move.",
     )
     every_round: bool = Field(True, description="Evaluate after every round, not only the last.")
-    batch_size: int = Field(16, ge=1, description="Choices scored per forward pass.")
+    batch_size: int = Field(
+        16, ge=1, description="Choices scored per forward pass (multiple choice); answers generated at once."
+    )
+    max_new_tokens: int = Field(
+        32,
+        ge=1,
+        description="Tasks answered in free text: the most tokens a generated answer may have (a short "
+        "answer needs a few; an instruction's response more).",
+    )
+    do_sample: bool = Field(
+        False, description="Tasks answered in free text: sample answers (seeded) instead of greedy decoding."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling's probability mass (do_sample).")
     models: list[Role] = Field(
         default_factory=lambda: list(get_args(Role)), description="Models to evaluate: slm, llm or both."
     )

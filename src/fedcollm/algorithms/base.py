@@ -13,10 +13,19 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from fedcollm.algorithms.steps import evaluate_role, mean_over_clients, score_model
+from fedcollm.algorithms.steps import (
+    answer_model,
+    evaluate_role,
+    generation_items,
+    mean_over_clients,
+    score_model,
+)
 from fedcollm.config import ExperimentConfig
+from fedcollm.data.generative import GenerationItem
 from fedcollm.evaluation import records
-from fedcollm.evaluation.records import QuestionSet
+from fedcollm.evaluation.free_text import summary
+from fedcollm.evaluation.multiple_choice import multiple_choice
+from fedcollm.evaluation.records import GenerationSet, QuestionSet
 from fedcollm.federation import wire
 from fedcollm.federation.robust import AGGREGATORS, Rejection, screen_uploads
 from fedcollm.lm.lora import get_adapter, set_adapter
@@ -188,6 +197,12 @@ class Algorithm(ABC):
         if "adapter" in client.state:
             set_adapter(client.slm.model, client.state["adapter"])
         reporter.phase(f"round {rnd} · client {client.client_id} evaluating its {client.slm.name}")
+        if any(isinstance(item, GenerationItem) for item in client.eval_requests):
+            # Its answers stay on the node; the server learns each answer's scores.
+            answers = answer_model(self.config, client.slm, generation_items(client.eval_requests), reporter)
+            return ClientReply(
+                client.client_id, records.generation_scores_to_wire(answers), len(answers), summary(answers)
+            )
         result = score_model(
             self.config, client.slm, client.encoded_eval(self.config), reporter, client.resources
         )
@@ -204,15 +219,29 @@ class Algorithm(ABC):
 
     def client_question_sets(
         self, server: ServerRuntime, replies: Sequence[ClientReply], rnd: int
-    ) -> list[QuestionSet]:
+    ) -> list[QuestionSet | GenerationSet]:
         """The per-question records of the clients' own evaluations (`client_evaluate`'s replies)."""
+        if server.data.kind == "generation":
+            items = generation_items(server.eval_requests)
+            ids, references = [i.id for i in items], [i.references for i in items]
+            return [
+                GenerationSet(
+                    rnd,
+                    "slm",
+                    r.client,
+                    "eval",
+                    tuple(records.generation_scores_from_wire(r.arrays, ids, references, r.client)),
+                )
+                for r in replies
+            ]
+        requests = multiple_choice(server.eval_requests)
         return [
             QuestionSet.from_loglikelihoods(
                 rnd,
                 "slm",
                 r.client,
-                server.eval_requests,
-                records.from_wire(r.arrays, server.eval_requests, r.client),
+                requests,
+                records.from_wire(r.arrays, requests, r.client),
             )
             for r in replies
         ]

@@ -9,8 +9,11 @@ from dataclasses import replace
 import numpy as np
 
 from fedcollm.config import ExperimentConfig
+from fedcollm.data.generative import EvalItem, GenerationItem
+from fedcollm.evaluation.free_text import answer_items, summary
+from fedcollm.evaluation.generation import GenerationSettings
 from fedcollm.evaluation.multiple_choice import EncodedRequests, EvalResult, score, sequence_loglikelihoods
-from fedcollm.evaluation.records import QuestionSet
+from fedcollm.evaluation.records import GeneratedRecord, GenerationSet, QuestionSet
 from fedcollm.federation import wire
 from fedcollm.federation.privacy import mechanism
 from fedcollm.lm.encoding import Encoded
@@ -68,6 +71,41 @@ def score_model(
     return score(encoded, lls)
 
 
+def generation_items(items: Sequence[EvalItem]) -> list[GenerationItem]:
+    """`items` as the free-text items they are (a task family makes one kind per run)."""
+    out = [item for item in items if isinstance(item, GenerationItem)]
+    if len(out) != len(items):
+        raise TypeError("a generation task's evaluation set holds multiple-choice items")
+    return out
+
+
+def answer_model(
+    config: ExperimentConfig, lm: LoadedModel, items: Sequence[GenerationItem], reporter: Reporter
+) -> list[GeneratedRecord]:
+    """`lm`'s generated answers (its current adapter) to `items`, scored (`eval.max_new_tokens`,
+    greedy unless `eval.do_sample`, sampled from the evaluation seed)."""
+    if not items:
+        raise ValueError("no examples to evaluate")
+    settings = GenerationSettings(
+        max_new_tokens=config.eval.max_new_tokens,
+        until=(),
+        do_sample=config.eval.do_sample,
+        temperature=config.eval.temperature,
+        top_p=config.eval.top_p,
+        batch_size=config.eval.batch_size,
+    )
+    return answer_items(
+        lm.model,
+        lm.tokenizer,
+        items,
+        add_bos=lm.add_bos,
+        plain=lm.plain_template,
+        settings=settings,
+        seed=config.eval_seed,
+        on_batch=reporter.advance,
+    )
+
+
 def evaluate_role(
     config: ExperimentConfig,
     server: ServerRuntime,
@@ -86,6 +124,10 @@ def evaluate_role(
         set_adapter(lm.model, adapter)
     who = f"{role} ({lm.name})" if client is None else f"{role} of client {client}"
     reporter.phase(f"round {rnd} · evaluating {who}")
+    if server.data.kind == "generation":
+        records = answer_model(config, lm, generation_items(server.eval_requests), reporter)
+        server.evaluations.append(GenerationSet(rnd, role, client, "eval", tuple(records)))
+        return [Metric(rnd, role, client, key, value) for key, value in summary(records).items()]
     encoded = server.encoded_eval(role)
     result = score_model(config, lm, encoded, reporter, server.resources)
     server.evaluations.append(

@@ -41,7 +41,7 @@ class InProcessTransport:
         self.algorithm = algorithm
         self.clients = clients
         self.data_errors = dict(data_errors or {})
-        """Clients left out because their data did not fit (`ExperimentData.client_questions`)."""
+        """Clients left out because their data did not fit (`ExperimentData.client_records`)."""
         self.reporter = reporter
         self.fit_reporters = {client.client_id: reporter for client in clients}
         """The reporter of each client's training: with a `recorder`, its optimiser steps also go to

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.data import MCRequest
+from fedcollm.data.generative import EvalItem
 from fedcollm.lm import encoding
 from fedcollm.lm.devices import model_device, to_numpy
 from fedcollm.lm.encoding import Encoded, encode_pair
@@ -54,6 +55,14 @@ class EvalResult:
             "acc_norm_stderr": self.acc_norm_stderr,
             "n": float(self.n),
         }
+
+
+def multiple_choice(items: Sequence[EvalItem]) -> list[MCRequest]:
+    """`items` as the multiple-choice questions they are (a task family makes one kind per run)."""
+    out = [item for item in items if isinstance(item, MCRequest)]
+    if len(out) != len(items):
+        raise TypeError("scoring choices needs multiple-choice questions; this task is answered in free text")
+    return out
 
 
 def _stderr(p: float, n: int) -> float:

@@ -214,7 +214,164 @@ def read_question_set(path: Path) -> QuestionSet:
     return QuestionSet(*header, questions=tuple(questions))
 
 
+def _kind(path: Path) -> str:
+    """ "generation" for a file of generated answers' records, else "multiple_choice"."""
+    with path.open(encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        return "generation" if "prediction" in json.loads(first) else "multiple_choice"
+    except (ValueError, TypeError):
+        return "multiple_choice"  # read_question_set names the bad line
+
+
 def read_question_sets(run_dir: Path) -> list[QuestionSet]:
-    """Every records file of a run folder, in file-name order (round, then role and client)."""
+    """Every multiple-choice records file of a run folder, in file-name order (round, then role
+    and client); `read_generation_sets` reads those of generated answers."""
     folder = run_dir / QUESTIONS_DIR
-    return [read_question_set(path) for path in sorted(folder.glob("*.jsonl"))] if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return [read_question_set(p) for p in sorted(folder.glob("*.jsonl")) if _kind(p) == "multiple_choice"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated answers
+
+GENERATION_METRICS = ("exact_match", "f1", "rouge_l")
+"""What each generated answer is scored with (`fedcollm.evaluation.text_metrics`)."""
+SCORES_WIRE_KEY = "questions.scores"
+"""The reply array in which a client returns its per-example scores (examples x metrics, float64)."""
+
+
+@dataclass(frozen=True)
+class GeneratedRecord:
+    """One example as one model answered it: its answer (empty where a client scored it on its own
+    node and sent the scores only), the references, and the answer's scores."""
+
+    id: str
+    prediction: str
+    references: tuple[str, ...]
+    exact_match: float
+    f1: float
+    rouge_l: float
+
+    def score(self, metric: str) -> float:
+        return float(getattr(self, metric))
+
+
+@dataclass(frozen=True)
+class GenerationSet:
+    """The records of one evaluation by generated answers (as `QuestionSet` for multiple choice).
+
+    One JSON line per example, in evaluation order:
+
+        {"round": 2, "role": "slm", "client": null, "set": "eval", "id": "nq_open-17",
+         "prediction": "1947", "references": ["1947", "in 1947"],
+         "exact_match": 1.0, "f1": 1.0, "rouge_l": 1.0}
+    """
+
+    round: int
+    role: str
+    client: int | None
+    set: str
+    examples: tuple[GeneratedRecord, ...]
+
+    @property
+    def file_name(self) -> str:
+        return QuestionSet(self.round, self.role, self.client, self.set, ()).file_name
+
+    def mean(self, metric: str) -> float:
+        return float(np.mean([e.score(metric) for e in self.examples])) if self.examples else float("nan")
+
+
+def generation_scores_to_wire(records: Sequence[GeneratedRecord]) -> dict[str, np.ndarray]:
+    """A client's per-example scores as one reply array (its answers stay on its node)."""
+    values = [[r.score(m) for m in GENERATION_METRICS] for r in records]
+    return {
+        SCORES_WIRE_KEY: np.asarray(values, dtype=np.float64).reshape(len(records), len(GENERATION_METRICS))
+    }
+
+
+def generation_scores_from_wire(
+    arrays: Mapping[str, np.ndarray], ids: Sequence[str], references: Sequence[Sequence[str]], client: int
+) -> list[GeneratedRecord]:
+    """Inverse of `generation_scores_to_wire` for the examples `ids` (the server knows them)."""
+    if SCORES_WIRE_KEY not in arrays:
+        raise RecordsError(f"client {client}'s evaluation reply holds no {SCORES_WIRE_KEY!r}")
+    scores = np.asarray(arrays[SCORES_WIRE_KEY], dtype=np.float64)
+    if scores.shape != (len(ids), len(GENERATION_METRICS)):
+        raise RecordsError(
+            f"client {client} returned scores of shape {scores.shape} for {len(ids)} examples "
+            f"({len(GENERATION_METRICS)} metrics each)"
+        )
+    return [
+        GeneratedRecord(i, "", tuple(refs), *(float(x) for x in row))
+        for i, refs, row in zip(ids, references, scores, strict=True)
+    ]
+
+
+def _generation_line(gset: GenerationSet, record: GeneratedRecord) -> str:
+    line: dict[str, Any] = {"round": gset.round, "role": gset.role, "client": gset.client, "set": gset.set}
+    line.update(asdict(record))
+    line["references"] = list(record.references)
+    return json.dumps(line)
+
+
+def write_records(run_dir: Path, sets: Iterable[QuestionSet | GenerationSet]) -> list[Path]:
+    """Write each set, of either kind, to `run_dir/questions/<file_name>` (atomically)."""
+    folder = run_dir / QUESTIONS_DIR
+    written = []
+    for one in sets:
+        if isinstance(one, QuestionSet):
+            written += write_question_sets(run_dir, [one])
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / one.file_name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(_generation_line(one, r) + "\n" for r in one.examples), encoding="utf-8")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+_GENERATION_FIELDS = ("round", "role", "client", "set", "id", "prediction", "references", *GENERATION_METRICS)
+
+
+def read_generation_set(path: Path) -> GenerationSet:
+    """One file of generated answers' records back as a `GenerationSet` (errors name file and line)."""
+    examples = []
+    header: tuple[int, str, int | None, str] | None = None
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            missing = [name for name in _GENERATION_FIELDS if name not in line]
+            if missing:
+                raise KeyError(", ".join(missing))
+            this = (int(line["round"]), str(line["role"]), line["client"], str(line["set"]))
+            record = GeneratedRecord(
+                str(line["id"]),
+                str(line["prediction"]),
+                tuple(str(r) for r in line["references"]),
+                *(float(line[m]) for m in GENERATION_METRICS),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RecordsError(f"{path}, line {number}: not a generated-answer record ({exc})") from exc
+        if header is None:
+            header = this
+        elif this != header:
+            raise RecordsError(
+                f"{path}, line {number}: round/role/client/set {this} differ from line 1's {header}"
+            )
+        examples.append(record)
+    if header is None:
+        raise RecordsError(f"{path}: no records")
+    return GenerationSet(*header, examples=tuple(examples))
+
+
+def read_generation_sets(run_dir: Path) -> list[GenerationSet]:
+    """Every file of generated answers' records of a run folder, in file-name order."""
+    folder = run_dir / QUESTIONS_DIR
+    if not folder.is_dir():
+        return []
+    return [read_generation_set(p) for p in sorted(folder.glob("*.jsonl")) if _kind(p) == "generation"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedcollm.config import PAPER_METHODS, ConfigError, ExperimentConfig
+from fedcollm.data.families import task_family
 from fedcollm.evaluation.baselines import BaselineStore
 from fedcollm.experiment.checkpoint import CHECKPOINT_DIR
 from fedcollm.experiment.plan import plan, variant, with_seed
@@ -83,6 +84,13 @@ def run_comparison(
     seeds = list(seeds or base.compare.seeds or [base.seed])
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"compare seeds {seeds} repeat a seed; list each once")
+    free_text = [t for t in tasks if task_family(t).kind != "multiple_choice"]
+    if free_text:
+        raise ConfigError(
+            f"fedcollm compare pairs methods question by question on multiple-choice tasks; "
+            f"{', '.join(free_text)} is answered in free text: run each method with fedcollm run, "
+            "whose results.md holds the paired before/after (docs/statistics.md)"
+        )
     plan(base, list(methods), tasks)  # fails before any training on unknown methods/tasks/data
     runs = []
     baselines = BaselineStore(out / BASELINES_DIR)

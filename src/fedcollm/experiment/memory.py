@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedcollm.algorithms import Algorithm
 from fedcollm.config import ExperimentConfig, ModelConfig, device_setting
-from fedcollm.data import MCRequest
+from fedcollm.data.generative import TrainItem, target_text
 from fedcollm.errors import FedcollmError
 from fedcollm.experiment.sizes import adapter_size, local_model_config
 from fedcollm.lm.devices import available_devices, resolve_device
@@ -262,11 +262,12 @@ def refuse_what_does_not_fit(plan: Sequence[DeviceMemory]) -> None:
         )
 
 
-def answer_tokens_bound(requests: Sequence[MCRequest]) -> int:
-    """An upper bound on the answer tokens of a sequence: the longest gold continuation's
-    characters / 2, rounded up (BPE and SentencePiece tokens average well over two characters)."""
-    longest = max((len(r.continuations[r.gold]) for r in requests), default=1)
-    return -(-longest // 2)
+def answer_tokens_bound(items: Sequence[TrainItem]) -> int:
+    """An upper bound on the answer tokens of a sequence: the longest target's characters / 2,
+    rounded up (BPE and SentencePiece tokens average well over two characters), plus the few a
+    chat template adds after a response."""
+    longest = max((len(target_text(item)) for item in items), default=1)
+    return -(-longest // 2) + 4
 
 
 def memory_plan(

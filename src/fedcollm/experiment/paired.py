@@ -59,7 +59,7 @@ import numpy as np
 from scipy import stats
 
 from fedcollm.errors import FedcollmError
-from fedcollm.evaluation.records import QuestionSet
+from fedcollm.evaluation.records import GenerationSet, QuestionSet
 
 CONFIDENCE = 0.95
 """Confidence level of the bootstrap interval."""
@@ -325,3 +325,77 @@ def before_after(
     name_a, name_b = f"{role.upper()} after round {last}", f"{role.upper()} before training"
     acc, acc_norm = (compare(side(name_a, after, norm), side(name_b, before, norm)) for norm in (False, True))
     return acc, acc_norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated answers: exact match is right/wrong (McNemar, as acc); token F1 and Rouge-L are
+# graded in [0, 1] (the same paired bootstrap interval, and the sign-flip permutation test).
+
+BINARY_GENERATION_METRICS = frozenset({"exact_match"})
+
+
+def generation_side(label: str, sets: Sequence[GenerationSet], metric: str) -> Side:
+    """One side's per-example scores of `metric` by example id (one model's set, or one per client)."""
+    if not sets:
+        raise PairingError(f"{label}: no per-example records to compare")
+    ordered = sorted(sets, key=lambda s: -1 if s.client is None else s.client)
+    rows, ids = [], None
+    for gset in ordered:
+        scores = {e.id: e.score(metric) for e in gset.examples}
+        if len(scores) != len(gset.examples):
+            raise PairingError(f"{label}: example ids repeat in {gset.file_name}")
+        these = tuple(sorted(scores))
+        if ids is None:
+            ids = these
+        elif these != ids:
+            raise PairingError(f"{label}: {gset.file_name} holds other examples than {ordered[0].file_name}")
+        rows.append([scores[i] for i in these])
+    assert ids is not None
+    values = np.asarray(rows, dtype=np.float64)
+    if metric in BINARY_GENERATION_METRICS:
+        values = values.astype(bool)
+    return Side(label, ids, tuple(s.client for s in ordered), values)
+
+
+@dataclass(frozen=True)
+class GradedResult:
+    """A − B of a graded score on the same examples: difference and interval in points, and the
+    sign-flip permutation p of the mean per-example difference (`sign_flip_p`)."""
+
+    n: int
+    delta: float
+    ci_low: float
+    ci_high: float
+    p: float
+
+
+def compare_graded(a: Side, b: Side) -> GradedResult:
+    """A against B on a score in [0, 1] (per example: a side's mean over its models)."""
+    if a.ids != b.ids:
+        raise PairingError(f"{a.label} and {b.label} were evaluated on different examples")
+    differences = a.fraction - b.fraction
+    low, high = bootstrap_interval(differences)
+    return GradedResult(
+        len(a.ids), 100 * float(np.mean(differences)), 100 * low, 100 * high, sign_flip_p(differences)
+    )
+
+
+def generation_before_after(
+    sets: Sequence[GenerationSet], role: str, last: int
+) -> dict[str, PairedResult | GradedResult] | None:
+    """`role` after round `last` against its round 0 on the same examples, per metric: exact match
+    with McNemar's test, token F1 and Rouge-L with the sign-flip test; None without both rounds."""
+
+    def final(rnd: int) -> list[GenerationSet]:
+        found = [s for s in sets if s.role == role and s.round == rnd and s.set == "eval"]
+        return [s for s in found if s.client is not None] or found
+
+    before, after = final(0), final(last)
+    if not before or not after or last == 0:
+        return None
+    name_a, name_b = f"{role.upper()} after round {last}", f"{role.upper()} before training"
+    out: dict[str, PairedResult | GradedResult] = {}
+    for metric in ("exact_match", "f1", "rouge_l"):
+        a, b = generation_side(name_a, after, metric), generation_side(name_b, before, metric)
+        out[metric] = compare(a, b) if metric in BINARY_GENERATION_METRICS else compare_graded(a, b)
+    return out

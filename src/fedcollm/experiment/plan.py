@@ -14,7 +14,7 @@ import torch
 
 from fedcollm.algorithms import ALGORITHMS, check_config
 from fedcollm.config import ConfigError, ExperimentConfig, build_config
-from fedcollm.data import DataError, Partition
+from fedcollm.data import DataError
 from fedcollm.experiment.memory import DeviceMemory, memory_plan, placed_device, refuse_what_does_not_fit
 from fedcollm.experiment.setup import check_data, check_models
 from fedcollm.experiment.sizes import AdapterSize, adapter_size, local_model_config
@@ -90,11 +90,12 @@ def check_runs(
     return loaded
 
 
-def split_text(split: Partition) -> str:
-    """Who holds how many training questions: ``server 200, clients 629 / 94 / 84 / 27``."""
-    if not split.clients:
-        return f'server {len(split.aux)}, clients: each its own file (task.client_source = "files")'
-    return f"server {len(split.aux)}, clients " + " / ".join(str(len(shard)) for shard in split.clients)
+def split_text(data: ExperimentData) -> str:
+    """Who holds how many training examples: ``server 200, clients 629 / 94 / 84 / 27``."""
+    server = f"server {len(data.aux_records())}" + (" (task.aux_data)" if data.aux is not None else "")
+    if not data.split.clients:
+        return f'{server}, clients: each its own file (task.client_source = "files")'
+    return f"{server}, clients " + " / ".join(str(len(shard)) for shard in data.split.clients)
 
 
 def _clients_text(config: ExperimentConfig) -> str:
@@ -117,7 +118,7 @@ def _client_file_lines(config: ExperimentConfig, data: ExperimentData) -> list[P
     lines = []
     for k, path in enumerate(config.task.client_data):
         try:
-            text = f"{path}: {len(data.client_questions(config, k))} questions"
+            text = f"{path}: {len(data.client_records(config, k))} {data.family.record_name}s"
         except DataError as exc:
             text = f"refused, the run goes on without it only if robustness.min_clients allows: {exc}"
         lines.append(PlanLine(f"client {k}", text))
@@ -153,7 +154,7 @@ def plan(
         PlanLine("tasks", ", ".join(tasks) + f" (format {config.task.format}, source {config.task.source})"),
         PlanLine("rounds", str(fed.rounds)),
         PlanLine("clients", _clients_text(config)),
-        *(PlanLine(f"{task} split", split_text(data.split)) for task, data in loaded.items()),
+        *(PlanLine(f"{task} split", split_text(data)) for task, data in loaded.items()),
         *_client_file_lines(config, loaded[tasks[0]]),
         PlanLine("evaluation", f"{config.eval_split}, {config.eval.limit or 'all'} questions"),
     ]

@@ -27,8 +27,21 @@ import numpy as np
 
 from fedcollm.config import ExperimentConfig
 from fedcollm.errors import FedcollmError
-from fedcollm.evaluation.records import QUESTIONS_DIR, QuestionSet, read_question_sets, write_question_sets
-from fedcollm.experiment.paired import before_after, format_p, format_points
+from fedcollm.evaluation.records import (
+    QUESTIONS_DIR,
+    GenerationSet,
+    QuestionSet,
+    read_generation_sets,
+    read_question_sets,
+    write_records,
+)
+from fedcollm.experiment.paired import (
+    PairedResult,
+    before_after,
+    format_p,
+    format_points,
+    generation_before_after,
+)
 from fedcollm.experiment.tracking import TENSORBOARD_DIR, tracker_for, tracking_reporter
 from fedcollm.lm.lora import count_base_parameters, save_adapter
 from fedcollm.lm.precision import dtype_text
@@ -132,9 +145,9 @@ class RunRecorder:
         `client-K`) to the trackers `report_to` asks for; unchanged without one."""
         return tracking_reporter(reporter, self.tracker, party)
 
-    def record_questions(self, sets: Iterable[QuestionSet]) -> None:
+    def record_questions(self, sets: Iterable[QuestionSet | GenerationSet]) -> None:
         """Write per-question records (one file per evaluation; a resumed run rewrites its own)."""
-        write_question_sets(self.out, sets)
+        write_records(self.out, sets)
 
     def snapshot(self) -> dict[str, Any]:
         """Metrics and communication so far, as JSON-able data (for checkpoints)."""
@@ -188,7 +201,11 @@ class RunRecorder:
         summary["slm"] = server.slm.name
         summary |= algorithm.communication_extra(server)
         _atomic_write(self.out / "communication.json", json.dumps(summary, indent=2))
-        results = results_markdown(self.config, self.metrics, summary, read_question_sets(self.out))
+        records: list[QuestionSet | GenerationSet] = [
+            *read_question_sets(self.out),
+            *read_generation_sets(self.out),
+        ]
+        results = results_markdown(self.config, self.metrics, summary, records)
         extra = algorithm.results_extra(self.metrics, summary)
         _atomic_write(self.out / "results.md", results + "\n".join(extra) + ("\n" if extra else ""))
         if self.tracker is not None:
@@ -208,42 +225,53 @@ def _accuracy(metrics: Sequence[Metric], role: str, rnd: int, key: str) -> float
     return None
 
 
+MULTIPLE_CHOICE_METRICS = ("acc", "acc_norm")
+GENERATION_METRICS = ("exact_match", "f1", "rouge_l")
+
+
 def results_markdown(
     config: ExperimentConfig,
     metrics: Sequence[Metric],
     comm: dict[str, Any],
-    question_sets: Sequence[QuestionSet] = (),
+    question_sets: Sequence[QuestionSet | GenerationSet] = (),
 ) -> str:
-    """Accuracy before training and after the last round, per model, as a markdown table, and
-    from the per-question records each model's after − before on the same questions."""
-    evaluated = sorted({m.round for m in metrics if m.metric == "acc"})
+    """Each model's scores before training and after the last round as a markdown table (acc and
+    acc_norm; for answers written in free text, exact match, token F1 and Rouge-L), and from the
+    per-question records each model's after − before on the same questions."""
+    generated = any(m.metric == "exact_match" for m in metrics)
+    keys = GENERATION_METRICS if generated else MULTIPLE_CHOICE_METRICS
+    evaluated = sorted({m.round for m in metrics if m.metric == keys[0]})
     last = evaluated[-1] if evaluated else 0
+    header = " | ".join(f"{key} before | {key} after" for key in keys)
     lines = [
         f"# {config.name}: {config.algorithm} on {config.task.name}",
         "",
         f"{config.federation.num_clients} clients, {config.federation.rounds} rounds, "
-        f"evaluation on {config.eval_split} (n = {_n(metrics)}), seed {config.seed}, "
-        f"base models in {dtype_text(config.dtype)}.",
+        f"evaluation on {config.task.eval_data or config.eval_split} (n = {_n(metrics)}), "
+        f"seed {config.seed}, base models in {dtype_text(config.dtype)}.",
         "",
-        "| model | name | acc before | acc after | acc_norm before | acc_norm after |",
-        "|---|---|---|---|---|---|",
+        f"| model | name | {header} |",
+        "|---|---|" + "---|" * (2 * len(keys)),
     ]
     names = {"slm": config.slm.name, "llm": config.llm.name if config.llm else "-"}
     for role in ("slm", "llm"):
-        if _accuracy(metrics, role, 0, "acc") is None:
+        if _accuracy(metrics, role, 0, keys[0]) is None:
             continue
         cells = []
-        for key in ("acc", "acc_norm"):
+        for key in keys:
             for rnd in (0, last):
                 value = _accuracy(metrics, role, rnd, key)
                 err = _accuracy(metrics, role, rnd, f"{key}_stderr")
                 cells.append(
                     f"{100 * value:.1f} ± {100 * err:.1f}" if value is not None and err is not None else "-"
                 )
-        lines.append(
-            f"| {role.upper()} | {names[role]} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |"
+        lines.append(f"| {role.upper()} | {names[role]} | " + " | ".join(cells) + " |")
+    if generated:
+        lines += _generation_before_after_lines(
+            [s for s in question_sets if isinstance(s, GenerationSet)], last
         )
-    lines += _before_after_lines(question_sets, last)
+    else:
+        lines += _before_after_lines([s for s in question_sets if isinstance(s, QuestionSet)], last)
     table3 = comm["table3"]
     lines += [
         "",
@@ -254,6 +282,44 @@ def results_markdown(
     ]
     lines += _privacy_lines(metrics)
     return "\n".join(lines)
+
+
+def _generation_before_after_lines(sets: Sequence[GenerationSet], last: int) -> list[str]:
+    """The paired after − before table for generated answers, or nothing without records."""
+    rows = []
+    for role in ("slm", "llm"):
+        found = generation_before_after(sets, role, last)
+        if found is None:
+            continue
+        first = found["exact_match"]
+        cells = [role.upper(), str(first.n)]
+        for metric in GENERATION_METRICS:
+            result = found[metric]
+            p = format_p(result.p)
+            if isinstance(result, PairedResult):
+                several = len(result.tests) > 1
+                p += (
+                    f" (largest of {len(result.tests)})" if several else ""
+                ) + f", b/c {result.b}/{result.c}"
+            cells += [
+                format_points(result.delta),
+                f"[{format_points(result.ci_low)}, {format_points(result.ci_high)}]",
+                p,
+            ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        f"After round {last} − before training, on the same examples: Δ in points, 95 % paired "
+        "bootstrap interval, and p: exact McNemar for exact match (b = examples right only after, "
+        "c = right only before), sign-flip permutation test for token F1 and Rouge-L "
+        "(docs/statistics.md).",
+        "",
+        "| model | n | Δ exact_match | 95 % CI | p | Δ f1 | 95 % CI | p | Δ rouge_l | 95 % CI | p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _privacy_lines(metrics: Sequence[Metric]) -> list[str]:

@@ -110,8 +110,16 @@ def _percent(value: float | None, err: float | None) -> str:
     return f"{100 * value:.1f}" + ("" if err is None else f" ± {100 * err:.1f}")
 
 
+def score_keys(metrics: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """What the run's models were scored with: acc and acc_norm, or (answers written in free
+    text) exact match, token F1 and Rouge-L."""
+    if any(m["metric"] == "exact_match" for m in metrics):
+        return ("exact_match", "f1", "rouge_l")
+    return ("acc", "acc_norm")
+
+
 def _cells(metrics: Sequence[dict[str, Any]], role: str, client: int | None) -> dict[str, str]:
-    """The last round one model was evaluated in, its acc and acc_norm at round 0 and then."""
+    """The last round one model was evaluated in, its scores at round 0 and then."""
 
     def curve(key: str) -> dict[int, float]:
         if client is None:
@@ -122,9 +130,10 @@ def _cells(metrics: Sequence[dict[str, Any]], role: str, client: int | None) -> 
             if m["role"] == role and m["metric"] == key and m["client"] == client
         }
 
-    last = max(curve("acc"))
+    keys = score_keys(metrics)
+    last = max(curve(keys[0]))
     cells = {"last round": str(last)}
-    for key in ("acc", "acc_norm"):
+    for key in keys:
         values, errors = curve(key), curve(f"{key}_stderr")
         cells[f"{key} before"] = _percent(values.get(0), errors.get(0))
         cells[f"{key} after"] = _percent(values.get(last), errors.get(last))
@@ -132,15 +141,17 @@ def _cells(metrics: Sequence[dict[str, Any]], role: str, client: int | None) -> 
 
 
 def accuracy_table(metrics: Sequence[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, str]]:
-    """One row per evaluated model: its name, the last round evaluated, acc and acc_norm (in %,
-    ± standard error) before training and after; a client's own SLM gets a row of its own."""
+    """One row per evaluated model: its name, the last round evaluated, its scores (acc and
+    acc_norm, or exact match, F1 and Rouge-L; in %, ± standard error) before training and after; a
+    client's own SLM gets a row of its own."""
+    first = score_keys(metrics)[0]
     names = {role: (config.get(role) or {}).get("name", "-") for role in ROLES}
     client_models = (config.get("federation") or {}).get("client_models") or []
     rows = []
     for role in ROLES:
-        evaluated = accuracy_by_round(metrics, role)
+        evaluated = accuracy_by_round(metrics, role, first)
         clients = sorted(
-            {m["client"] for m in metrics if m["role"] == role and m["metric"] == "acc"} - {None}
+            {m["client"] for m in metrics if m["role"] == role and m["metric"] == first} - {None}
         )
         if not evaluated and not clients:
             continue
@@ -197,21 +208,25 @@ def plot_run(folder: Path, metrics: Sequence[dict[str, Any]], title: str) -> lis
         fig.savefig(out / name, dpi=120)
         written.append(out / name)
 
+    keys = score_keys(metrics)
     for role in ROLES:
-        lines = [m for m in metrics if m["role"] == role and m["metric"] in ("acc", "acc_norm")]
+        lines = [m for m in metrics if m["role"] == role and m["metric"] in keys]
         if not lines:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for client in sorted({m["client"] for m in lines} - {None}):
-            curve = {m["round"]: m["value"] for m in lines if m["client"] == client and m["metric"] == "acc"}
+            curve = {
+                m["round"]: m["value"] for m in lines if m["client"] == client and m["metric"] == keys[0]
+            }
             xs = sorted(curve)
-            ax.plot(xs, [100 * curve[x] for x in xs], lw=0.8, alpha=0.5, label=f"acc, client {client}")
-        for key in ("acc", "acc_norm"):
+            ax.plot(xs, [100 * curve[x] for x in xs], lw=0.8, alpha=0.5, label=f"{keys[0]}, client {client}")
+        for key in keys:
             curve = accuracy_by_round(metrics, role, key)
             xs = sorted(curve)
             if xs:
                 ax.plot(xs, [100 * curve[x] for x in xs], marker="o", label=key)
-        save(fig, ax, f"accuracy_{role}.png", "round", f"{role.upper()} accuracy (%)")
+        what = "accuracy" if keys[0] == "acc" else "score"
+        save(fig, ax, f"accuracy_{role}.png", "round", f"{role.upper()} {what} (%)")
         plt.close(fig)
 
     losses = [m for m in metrics if m["metric"].endswith("loss")]

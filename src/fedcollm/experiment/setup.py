@@ -25,12 +25,15 @@ from fedcollm.protocol import Reporter
 
 def check_data(algorithm: type[Algorithm], config: ExperimentConfig, data: ExperimentData) -> None:
     """Refuse data the algorithm cannot work with (an auxiliary set left empty by a small split)."""
-    if algorithm.needs_auxiliary_set(config) and not data.split.aux:
-        raise ConfigError(
-            f"algorithm {config.algorithm!r} trains on the server's auxiliary set, but "
-            f"task.aux_fraction={config.task.aux_fraction} of {len(data.train)} training questions "
+    if algorithm.needs_auxiliary_set(config) and not data.aux_records():
+        where = (
+            f"task.aux_data ({config.task.aux_data}) holds no examples"
+            if config.task.aux_data
+            else f"task.aux_fraction={config.task.aux_fraction} of {len(data.train)} training "
+            f"{data.family.record_name}s "
             "leaves it empty: raise task.aux_fraction or task.train_limit"
         )
+        raise ConfigError(f"algorithm {config.algorithm!r} trains on the server's auxiliary set, but {where}")
 
 
 def check_models(config: ExperimentConfig, algorithms: Iterable[type[Algorithm]]) -> None:

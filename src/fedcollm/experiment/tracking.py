@@ -44,8 +44,18 @@ STEPS = "steps"
 ROUNDS = "rounds"
 """Events per round (`<run>/tensorboard/rounds`)."""
 
-EVAL_METRICS = frozenset({"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"})
-"""What an evaluation returns (`EvalResult.summary`); with a `heldout_` prefix, CrossLM's."""
+EVAL_METRICS = frozenset(
+    {
+        *(
+            f"{key}{suffix}"
+            for key in ("acc", "acc_norm", "exact_match", "f1", "rouge_l")
+            for suffix in ("", "_stderr")
+        ),
+        "n",
+    }
+)
+"""What an evaluation returns (multiple choice: `EvalResult.summary`; answers in free text:
+`fedcollm.evaluation.free_text.summary`); with a `heldout_` prefix, CrossLM's."""
 
 
 def metric_tag(metric: Metric) -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from fedcollm.data import MCRequest
 from fedcollm.errors import FedcollmError
 
 
@@ -78,16 +77,6 @@ def encode_pair(
             )
         whole, n_context = whole[cut:], n_context - cut
     return Encoded(tuple(int(t) for t in whole), n_context)
-
-
-def encode_sft(
-    tokenizer: PreTrainedTokenizerBase, requests: Sequence[MCRequest], *, add_bos: bool, max_length: int
-) -> list[Encoded]:
-    """Training sequences: each question's context followed by its gold continuation."""
-    return [
-        encode_pair(tokenizer, r.context, r.continuations[r.gold], add_bos=add_bos, max_length=max_length)
-        for r in requests
-    ]
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

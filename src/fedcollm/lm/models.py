@@ -10,10 +10,11 @@ from peft import PeftModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fedcollm.config import LoraConfig
-from fedcollm.data import MCRequest
-from fedcollm.lm.encoding import Encoded, encode_sft, pad_id
+from fedcollm.data.generative import TrainItem
+from fedcollm.lm.encoding import Encoded, pad_id
 from fedcollm.lm.loading import load_base_model, load_tokenizer, needs_bos
 from fedcollm.lm.lora import attach_lora, get_adapter
+from fedcollm.lm.training_items import encode_sft
 from fedcollm.protocol import Arrays
 
 
@@ -26,6 +27,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     initial_adapter: Arrays = field(default_factory=dict)
     """The adapter's weights right after `attach_lora`: where every party's training starts."""
+    plain_template: str = "alpaca"
+    """How conversations are rendered if the tokenizer has no chat template (`fedcollm.lm.chat`)."""
 
     @property
     def add_bos(self) -> bool:
@@ -37,9 +40,12 @@ class LoadedModel:
         """The token id that pads this model's batches."""
         return pad_id(self.tokenizer)
 
-    def encode_sft(self, requests: Sequence[MCRequest], max_length: int) -> list[Encoded]:
-        """Training sequences in this model's tokenisation: context, then the gold continuation."""
-        return encode_sft(self.tokenizer, requests, add_bos=self.add_bos, max_length=max_length)
+    def encode_sft(self, items: Sequence[TrainItem], max_length: int) -> list[Encoded]:
+        """Training sequences in this model's tokenisation: context, then the target (a question's
+        gold continuation, a short answer, a conversation's response)."""
+        return encode_sft(
+            self.tokenizer, items, add_bos=self.add_bos, max_length=max_length, plain=self.plain_template
+        )
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,9 @@ HOST = Placement()
 """A float32 model on the CPU, unquantised."""
 
 
-def load_with_lora(name: str, lora: LoraConfig, seed: int, where: Placement = HOST) -> LoadedModel:
+def load_with_lora(
+    name: str, lora: LoraConfig, seed: int, where: Placement = HOST, plain_template: str = "alpaca"
+) -> LoadedModel:
     """Load a base model (frozen, placed and stored as `where` says) and its tokenizer, and attach
     a fresh float32 LoRA adapter (initialised on the host, so from the same seed on every device)."""
     tokenizer = load_tokenizer(name)
@@ -67,4 +75,10 @@ def load_with_lora(name: str, lora: LoraConfig, seed: int, where: Placement = HO
         name, where.dtype, device=where.device, quantization=where.quantization, device_map=where.device_map
     )
     model = attach_lora(base, lora, seed)
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, initial_adapter=get_adapter(model))
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        initial_adapter=get_adapter(model),
+        plain_template=plain_template,
+    )

@@ -6,8 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcollm.config import ExperimentConfig
-from fedcollm.data import MCRequest
-from fedcollm.evaluation.multiple_choice import EncodedRequests, encode_requests, scoring_length
+from fedcollm.data.generative import EvalItem, TrainItem
+from fedcollm.evaluation.multiple_choice import (
+    EncodedRequests,
+    encode_requests,
+    multiple_choice,
+    scoring_length,
+)
 from fedcollm.lm.encoding import Encoded
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.data import ExperimentData
@@ -21,10 +26,10 @@ class ClientRuntime:
     client_id: int
     slm: LoadedModel
     train: list[Encoded]
-    requests: list[MCRequest]
-    eval_requests: list[MCRequest] = field(default_factory=list)
+    requests: list[TrainItem]
+    eval_requests: list[EvalItem] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
-    public_requests: list[MCRequest] = field(default_factory=list)
+    public_requests: list[TrainItem] = field(default_factory=list)
     """The public set every party may see (the server's auxiliary set; FedMKT's D_p)."""
     resources: SharedResources = field(default_factory=SharedResources)
     """Tokenizers and token bridges shared with the other parties of this process."""
@@ -40,7 +45,7 @@ class ClientRuntime:
         data_path: str | None = None,
     ) -> ClientRuntime:
         """Client `client_id` with its training questions encoded for its SLM; `data_path`: its
-        own file where the node names one (`ExperimentData.client_questions`)."""
+        own file where the node names one (`ExperimentData.client_records`)."""
         requests = data.client_requests(config, client_id, data_path)
         resources = resources if resources is not None else SharedResources()
         resources.know(slm)
@@ -59,7 +64,7 @@ class ClientRuntime:
         if "encoded_eval" not in self.state:
             self.state["encoded_eval"] = encode_requests(
                 self.slm.tokenizer,
-                self.eval_requests,
+                multiple_choice(self.eval_requests),
                 add_bos=self.slm.add_bos,
                 max_length=scoring_length(self.slm.model, self.slm.tokenizer),
             )

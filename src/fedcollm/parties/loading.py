@@ -50,7 +50,11 @@ def load_client_models(config: ExperimentConfig, slm: LoadedModel) -> list[Loade
 def load_client_model(config: ExperimentConfig, name: str) -> LoadedModel:
     """A client's SLM `name`, with the LoRA shape and initial seed every SLM of the run shares."""
     return load_with_lora(
-        name, config.slm.lora, derive_seed(config.seed, Seed.SLM_INIT), placement(config, config.slm, "slm")
+        name,
+        config.slm.lora,
+        derive_seed(config.seed, Seed.SLM_INIT),
+        placement(config, config.slm, "slm"),
+        config.task.plain_template,
     )
 
 
@@ -66,5 +70,6 @@ def load_models(config: ExperimentConfig, with_llm: bool) -> tuple[LoadedModel, 
             config.llm.lora,
             derive_seed(config.seed, Seed.LLM_INIT),
             placement(config, config.llm, "llm"),
+            config.task.plain_template,
         )
     return slm, llm

@@ -7,9 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm.config import ExperimentConfig
-from fedcollm.data import MCRequest
-from fedcollm.evaluation.multiple_choice import EncodedRequests, encode_requests, scoring_length
-from fedcollm.evaluation.records import QuestionSet
+from fedcollm.data.generative import EvalItem, TrainItem
+from fedcollm.evaluation.multiple_choice import (
+    EncodedRequests,
+    encode_requests,
+    multiple_choice,
+    scoring_length,
+)
+from fedcollm.evaluation.records import GenerationSet, QuestionSet
 from fedcollm.lm.lora import get_adapter
 from fedcollm.lm.models import LoadedModel
 from fedcollm.parties.data import ExperimentData
@@ -26,15 +31,15 @@ class ServerRuntime:
     slm: LoadedModel
     llm: LoadedModel | None
     global_adapter: Arrays
-    eval_requests: list[MCRequest]
-    aux_requests: list[MCRequest]
+    eval_requests: list[EvalItem]
+    aux_requests: list[TrainItem]
     _eval_cache: dict[str, EncodedRequests] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
     """The run folder, for algorithms that write files of their own (None: write nothing)."""
     resources: SharedResources = field(default_factory=SharedResources)
     """Tokenizers and token bridges shared with the other parties of this process."""
-    evaluations: list[QuestionSet] = field(default_factory=list)
+    evaluations: list[QuestionSet | GenerationSet] = field(default_factory=list)
     """Per-question records of the evaluations since the run last took them (`take_evaluations`)."""
 
     @classmethod
@@ -69,13 +74,13 @@ class ServerRuntime:
             lm = self.model(role)
             self._eval_cache[role] = encode_requests(
                 lm.tokenizer,
-                self.eval_requests,
+                multiple_choice(self.eval_requests),
                 add_bos=lm.add_bos,
                 max_length=scoring_length(lm.model, lm.tokenizer),
             )
         return self._eval_cache[role]
 
-    def take_evaluations(self) -> list[QuestionSet]:
+    def take_evaluations(self) -> list[QuestionSet | GenerationSet]:
         """The per-question records gathered since the last call (the run writes them)."""
         taken, self.evaluations = self.evaluations, []
         return taken

@@ -33,21 +33,14 @@ from typing import Any
 import numpy as np
 
 from fedcollm.algorithms.base import Algorithm
+from fedcollm.algorithms.crosslm.kinds import Example, SyntheticKind, synthetic_kind
 from fedcollm.algorithms.crosslm.synthetic import (
     OK,
     STATUSES,
     GeneratedRecord,
     SamplingSettings,
-    build_prompt,
-    completion_of,
     encode_written,
     generate_texts,
-    mark_duplicates,
-    pack_questions,
-    parse_generation,
-    shuffle_choices,
-    task_description,
-    unpack_questions,
     write_jsonl,
 )
 from fedcollm.algorithms.registry import register
@@ -60,13 +53,13 @@ from fedcollm.algorithms.steps import (
 )
 from fedcollm.config import ExperimentConfig, default_eval_split
 from fedcollm.data import MCQuestion, load_questions, render, sample_indices
+from fedcollm.data.families import task_family
 from fedcollm.errors import RoundError
 from fedcollm.evaluation.multiple_choice import (
     EncodedRequests,
     context_window,
     encode_requests,
     scoring_length,
-    sequence_loglikelihoods,
 )
 from fedcollm.evaluation.records import QuestionSet
 from fedcollm.federation.robust import Rejection, check_upload
@@ -87,51 +80,24 @@ _PREFIX = "crosslm."
 _CHECK_TOLERANCE = 1e-3
 
 
-def feedback_weights(scores: np.ndarray, num_choices: np.ndarray | int, threshold: float) -> np.ndarray:
-    """Per-candidate training weights from the SLMs' mean probability of the labelled answer.
+def feedback_weights(scores: np.ndarray, chance: np.ndarray | float, threshold: float) -> np.ndarray:
+    """Per-candidate training weights from the SLMs' mean score of each candidate.
 
-    A score counts by its advantage over chance, a = (s - 1/m) / (1 - 1/m) for m choices (0 at
-    chance, 1 for certainty), so one threshold means the same on tasks with 4 or 5 choices and
-    SLMs near chance do not pass by luck. The weight is a if a >= `threshold` (and a > 0), else 0;
-    positive weights are rescaled to average 1, which keeps the LLM's step size independent of how
-    confident the SLMs happen to be while better-scored candidates still weigh more.
+    A score counts by its advantage over chance, a = (s - c) / (1 - c) (0 at chance, 1 for
+    certainty): c = 1/m for a question with m choices, so one threshold means the same on tasks
+    with 4 or 5 choices and SLMs near chance do not pass by luck; c = 0 for a written response,
+    whose score is its per-token likelihood. The weight is a if a >= `threshold` (and a > 0), else
+    0; positive weights are rescaled to average 1, which keeps the LLM's step size independent of
+    how confident the SLMs happen to be while better-scored candidates still weigh more.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    chance = 1.0 / np.asarray(num_choices, dtype=np.float64)
+    chance = np.asarray(chance, dtype=np.float64)
     advantage = (scores - chance) / (1.0 - chance)
     weights = np.where((advantage >= threshold) & (advantage > 0), advantage, 0.0)
     positive = weights > 0
     if positive.any():
         weights[positive] /= weights[positive].mean()
     return weights
-
-
-def choice_probabilities(
-    lm: LoadedModel,
-    questions: Sequence[MCQuestion],
-    *,
-    task: str,
-    fmt: str,
-    max_length: int,
-    batch_size: int,
-) -> np.ndarray:
-    """For each question, the model's probability of its labelled choice among its choices.
-
-    The softmax over the choices' summed continuation log-likelihoods (the quantity `acc` takes
-    the argmax of), rendered in the task's own prompt format.
-    """
-    if not questions:
-        return np.zeros(0, dtype=np.float64)
-    requests = [render(task, q, fmt) for q in questions]
-    encoded = encode_requests(lm.tokenizer, requests, add_bos=lm.add_bos, max_length=max_length)
-    lls = sequence_loglikelihoods(lm.model, encoded.sequences, lm.pad_id, batch_size)
-    question_of = np.asarray(encoded.question_of)
-    out = np.zeros(len(questions), dtype=np.float64)
-    for i, q in enumerate(questions):
-        ll = lls[question_of == i]
-        p = np.exp(ll - ll.max())
-        out[i] = p[q.gold] / p.sum()
-    return out
 
 
 @dataclass
@@ -172,6 +138,11 @@ class CrossLM(Algorithm):
         """The generation prompts' demonstrations come from the auxiliary set (unless shots = 0)."""
         return config.crosslm.shots > 0
 
+    def __init__(self, config: ExperimentConfig) -> None:
+        super().__init__(config)
+        self.kind: SyntheticKind = synthetic_kind(config, task_family(config.task.name))
+        """What the LLM writes and the SLMs score: questions with choices, or instruction/response pairs."""
+
     def num_rounds(self) -> int:
         """T rounds, plus the closing round in which the SLMs train on the last selected set."""
         return self.config.federation.rounds + int(self.config.crosslm.closing_round)
@@ -182,13 +153,13 @@ class CrossLM(Algorithm):
     def server_state(self, server: ServerRuntime) -> dict[str, Any]:
         state = super().server_state(server)
         if "selected" in state["state"]:  # questions travel as arrays, in checkpoints as in messages
-            state["state"]["selected"] = pack_questions(state["state"]["selected"], SYNTHETIC)
+            state["state"]["selected"] = self.kind.pack(state["state"]["selected"], SYNTHETIC)
         return state
 
     def restore_server_state(self, server: ServerRuntime, state: dict[str, Any]) -> None:
         super().restore_server_state(server, state)
         if "selected" in server.state:
-            server.state["selected"] = unpack_questions(server.state["selected"], SYNTHETIC)
+            server.state["selected"] = self.kind.unpack(server.state["selected"], SYNTHETIC)
 
     # ------------------------------------------------------------------ server: generation
 
@@ -197,23 +168,21 @@ class CrossLM(Algorithm):
         generated = self._generate(server, rnd, reporter)
         server.state.setdefault("generated", {})[rnd] = generated
         valid = [r.question for r in generated.valid if r.question is not None]
-        selected: list[MCQuestion] = server.state.get("selected", [])
+        selected: list[Example] = server.state.get("selected", [])
         arrays: Arrays = dict(server.global_adapter) if rnd == 1 else {}
-        arrays |= pack_questions(valid, CANDIDATES) | pack_questions(selected, SYNTHETIC)
+        arrays |= self.kind.pack(valid, CANDIDATES) | self.kind.pack(selected, SYNTHETIC)
         return Payload(arrays, {"round": rnd, "candidates": len(valid), "synthetic": len(selected)})
 
     def _generate(self, server: ServerRuntime, rnd: int, reporter: Reporter) -> RoundData:
-        config, cfg = self.config, self.config.crosslm
+        config, cfg, kind = self.config, self.config.crosslm, self.kind
         llm = server.model("llm")
-        pool = [server.data.train[i] for i in server.data.split.aux]
-        choice_counts = {len(q.choices) for q in pool} or {len(server.data.train[0].choices)}
-        description = task_description(config.task.name, cfg.task_description)
+        pool = kind.demonstrations(server.data.aux_records())
         rng = np.random.default_rng(derive_seed(config.seed, Seed.DEMONSTRATIONS, rnd))
         demos = [
             [pool[int(i)] for i in rng.choice(len(pool), size=min(cfg.shots, len(pool)), replace=False)]
             for _ in range(cfg.num_candidates)
         ]
-        prompts = [build_prompt(description, d) for d in demos]
+        prompts = [kind.build_prompt(d) for d in demos]
         settings = SamplingSettings(
             temperature=cfg.temperature,
             top_p=cfg.top_p,
@@ -230,20 +199,20 @@ class CrossLM(Algorithm):
             settings=settings,
             seed=derive_seed(config.seed, Seed.GENERATION, rnd),
             on_batch=lambda b, total: reporter.advance(b, total),
+            terminators=kind.terminators,
         )
         parsed = [
-            parse_generation(
-                g.text, choice_counts=choice_counts, finished=g.finished, question_id=f"r{rnd}-{i}"
-            )
+            kind.parse(g.text, finished=g.finished, example_id=f"r{rnd}-{i}", demonstrations=pool)
             for i, g in enumerate(generations)
         ]
-        parsed = mark_duplicates(parsed, pool, server.data.eval_questions)
-        shuffle_rng = np.random.default_rng(derive_seed(config.seed, Seed.CHOICE_ORDER, rnd))
+        evaluation = kind.demonstrations(server.data.eval_records)
+        parsed = kind.mark_duplicates(parsed, pool, [kind.key(e) for e in evaluation])
+        finish_rng = np.random.default_rng(derive_seed(config.seed, Seed.CHOICE_ORDER, rnd))
         records = []
         for i, (g, p) in enumerate(zip(generations, parsed, strict=True)):
-            question = p.question
-            if p.ok and question is not None and cfg.shuffle_choices:
-                question = shuffle_choices(question, shuffle_rng)
+            example = p.question
+            if p.ok and example is not None:
+                example = kind.finalize(example, finish_rng)
             records.append(
                 GeneratedRecord(
                     round=rnd,
@@ -251,8 +220,9 @@ class CrossLM(Algorithm):
                     status=p.status,
                     reason=p.reason,
                     raw=g.text,
-                    demonstrations=[q.id for q in demos[i]],
-                    question=question,
+                    demonstrations=[e.id for e in demos[i]],
+                    question=example,
+                    example=kind.to_dict(example) if example is not None else None,
                 )
             )
         return RoundData(records, prompts)
@@ -272,8 +242,8 @@ class CrossLM(Algorithm):
                 "rounds was lost: a restarted SuperNode?)"
             )
         set_adapter(client.slm.model, start)
-        synthetic = unpack_questions(payload.arrays, SYNTHETIC)
-        examples = list(client.train) + self._encode_questions(client.slm, synthetic)
+        synthetic = self.kind.unpack(payload.arrays, SYNTHETIC)
+        examples = list(client.train) + self._encode(client.slm, synthetic)
         reporter.phase(
             f"round {rnd} · client {client.client_id} training on {len(client.train)} own + "
             f"{len(synthetic)} synthetic examples"
@@ -281,16 +251,9 @@ class CrossLM(Algorithm):
         # The clients train in every round, the closing one too.
         result = client_sft(config, client, examples, rnd, reporter, rounds=self.num_rounds())
         client.state["adapter"] = get_adapter(client.slm.model)
-        candidates = unpack_questions(payload.arrays, CANDIDATES)
+        candidates = self.kind.unpack(payload.arrays, CANDIDATES)
         reporter.phase(f"round {rnd} · client {client.client_id} scoring {len(candidates)} candidates")
-        scores = choice_probabilities(
-            client.slm,
-            candidates,
-            task=config.task.name,
-            fmt=config.task.format,
-            max_length=config.train.max_length,
-            batch_size=config.eval.batch_size,
-        )
+        scores = self.kind.scores(client.slm, candidates)
         feedback = np.concatenate([[1.0], scores]).astype(np.float32)
         return ClientReply(
             client=client.client_id,
@@ -303,10 +266,9 @@ class CrossLM(Algorithm):
             },
         )
 
-    def _encode_questions(self, lm: LoadedModel, questions: Sequence[MCQuestion]) -> list[Encoded]:
-        config = self.config
-        requests = [render(config.task.name, q, config.task.format) for q in questions]
-        return lm.encode_sft(requests, config.train.max_length)
+    def _encode(self, lm: LoadedModel, examples: Sequence[Example]) -> list[Encoded]:
+        """Synthetic examples as `lm`'s training sequences, in the task's own form."""
+        return lm.encode_sft(self.kind.train_items(examples), self.config.train.max_length)
 
     # ------------------------------------------------------------------ server: feedback, LLM update
 
@@ -318,8 +280,8 @@ class CrossLM(Algorithm):
         generated: RoundData = server.state["generated"].pop(rnd)
         valid = generated.valid
         scores = self._scores(aggregate, len(valid), rnd)
-        num_choices = np.array([len(r.question.choices) for r in valid if r.question is not None])
-        weights = feedback_weights(scores, num_choices, cfg.score_threshold)
+        chance = self.kind.chance([r.question for r in valid if r.question is not None])
+        weights = feedback_weights(scores, chance, cfg.score_threshold)
         for record, score, weight in zip(valid, scores, weights, strict=True):
             record.score, record.weight, record.selected = float(score), float(weight), bool(weight > 0)
         metrics = self._generation_metrics(generated, scores, weights, rnd)
@@ -377,7 +339,7 @@ class CrossLM(Algorithm):
         if kept.any():
             values["selected_feedback_mean"] = float(scores[kept].mean())
         values |= {f"discarded_{s}": float(counts[s]) for s in STATUSES if s != OK}
-        golds = [r.question.gold for r in generated.valid if r.question is not None]
+        golds = [r.question.gold for r in generated.valid if isinstance(r.question, MCQuestion)]
         if golds:
             values["gold_letter_max_share"] = float(max(Counter(golds).values()) / len(golds))
         return [Metric(rnd, "server", None, key, value) for key, value in values.items()]
@@ -396,7 +358,7 @@ class CrossLM(Algorithm):
             if weight <= 0 or record.question is None:
                 continue
             question = record.question
-            examples += self._encode_questions(llm, [question])
+            examples += self._encode(llm, [question])
             example_weights.append(float(weight))
             if cfg.generation_loss_weight > 0:
                 # The whole prompt as generation saw it, not cut to train.max_length; only a
@@ -404,7 +366,7 @@ class CrossLM(Algorithm):
                 written = encode_written(
                     llm.tokenizer,
                     generated.prompts[record.index],
-                    completion_of(question),
+                    self.kind.completion(question),
                     add_bos=llm.add_bos,
                 )
                 if len(written.input_ids) > window:

@@ -145,20 +145,23 @@ _ANSWER = re.compile(r"Answer:[ \t]*([A-Z])")
 
 @dataclass(frozen=True)
 class Parsed:
-    """The outcome of parsing one generation: a question if `status == "ok"`, else why not."""
+    """The outcome of parsing one generation: an example if `status == "ok"`, else why not.
+
+    `question` is the example: a multiple-choice question here, an instruction/response pair for
+    tasks answered in free text (`fedcollm.algorithms.crosslm.kinds`)."""
 
     status: str
     reason: str = ""
-    question: MCQuestion | None = None
+    question: Any = None
 
     @property
     def ok(self) -> bool:
         return self.status == OK
 
 
-def _cut_block(text: str) -> tuple[str, bool]:
+def _cut_block(text: str, terminators: Sequence[str] = TERMINATORS) -> tuple[str, bool]:
     """The first block of `text` and whether it was terminated (else it may be cut off)."""
-    ends = [i for i in (text.find(t) for t in TERMINATORS) if i >= 0]
+    ends = [i for i in (text.find(t) for t in terminators) if i >= 0]
     if ends:
         return text[: min(ends)], True
     return text, False
@@ -203,7 +206,7 @@ def parse_generation(
         return Parsed(MALFORMED, f"{len(choices)} choices; the task has {allowed}")
     if any(len(c) > MAX_CHOICE_CHARS for c in choices):
         return Parsed(MALFORMED, f"a choice longer than {MAX_CHOICE_CHARS} characters")
-    if len({_key(c) for c in choices}) != len(choices):
+    if len({normalised(c) for c in choices}) != len(choices):
         return Parsed(MALFORMED, "two choices say the same")
     if not rest:
         return Parsed(MALFORMED, "no 'Answer:' line")
@@ -218,13 +221,13 @@ def parse_generation(
     return Parsed(OK, "", MCQuestion(question_id, question, tuple(choices), gold))
 
 
-def _key(text: str) -> str:
+def normalised(text: str) -> str:
     """Normalised text for duplicate checks: case, punctuation and spacing ignored."""
     return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
 
 
 def question_key(question: MCQuestion) -> str:
-    return _key(question.question)
+    return normalised(question.question)
 
 
 def mark_duplicates(
@@ -286,15 +289,18 @@ class _BlockEnd(StoppingCriteria):
     Cheaper than `stop_strings`, whose set-up scans the whole vocabulary (262k tokens for Gemma).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, prompt_length: int, terminators: Sequence[str]
+    ) -> None:
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
+        self.terminators = tuple(terminators)
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
     ) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        done = [any(t in text for t in TERMINATORS) for text in texts]
+        done = [any(t in text for t in self.terminators) for text in texts]
         return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
 
@@ -320,8 +326,10 @@ def generate_texts(
     settings: SamplingSettings,
     seed: int,
     on_batch: Callable[[int, int], None] | None = None,
+    terminators: Sequence[str] = TERMINATORS,
 ) -> list[Generation]:
-    """Sample one continuation per prompt, batched with left padding; seeded, so reproducible."""
+    """Sample one continuation per prompt, batched with left padding; seeded, so reproducible.
+    Each row stops at the end of its block (`terminators`) or at end of sequence."""
     was_training = model.training
     model.eval()
     pad = pad_id(tokenizer)
@@ -354,14 +362,14 @@ def generate_texts(
             top_k=settings.top_k or None,
             max_new_tokens=settings.max_new_tokens,
             pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([_BlockEnd(tokenizer, length)]),
+            stopping_criteria=StoppingCriteriaList([_BlockEnd(tokenizer, length, terminators)]),
         )
         for row in sequences[:, length:].tolist():
             hit_eos = any(t in eos for t in row)
             if hit_eos:
                 row = row[: next(i for i, t in enumerate(row) if t in eos)]
             text = str(tokenizer.decode(row, skip_special_tokens=True))
-            out.append(Generation(text, finished=hit_eos or _cut_block(text)[1]))
+            out.append(Generation(text, finished=hit_eos or _cut_block(text, terminators)[1]))
         if on_batch is not None:
             on_batch(b + 1, total)
     model.train(was_training)
@@ -406,7 +414,10 @@ def unpack_questions(arrays: Mapping[str, np.ndarray], name: str) -> list[MCQues
 
 @dataclass
 class GeneratedRecord:
-    """One line of a round's JSONL: a generation, how it parsed, and (if valid) its feedback."""
+    """One line of a round's JSONL: a generation, how it parsed, and (if valid) its feedback.
+
+    `question` is the parsed example (a multiple-choice question, or an instruction/response
+    pair); `example` its JSON fields, as the run's kind of example writes them."""
 
     round: int
     index: int
@@ -414,22 +425,20 @@ class GeneratedRecord:
     reason: str
     raw: str
     demonstrations: list[str] = field(default_factory=list)
-    question: MCQuestion | None = None
+    question: Any = None
+    example: dict[str, Any] | None = None
     score: float | None = None
     weight: float | None = None
     selected: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        q = self.question
+        fields = {k: v for k, v in (self.example or {}).items() if k != "id"}
         return {
             "round": self.round,
             "index": self.index,
             "status": self.status,
             "reason": self.reason,
-            "question": q.question if q else None,
-            "choices": list(q.choices) if q else None,
-            "gold": q.gold if q else None,
-            "answer": LETTERS[q.gold] if q else None,
+            **fields,
             "score": self.score,
             "weight": self.weight,
             "selected": self.selected,

@@ -46,12 +46,13 @@ from fedcollm.algorithms.fedmkt.report import knowledge_traffic, results_lines, 
 from fedcollm.algorithms.registry import register
 from fedcollm.algorithms.steps import client_sft, evaluate_llm_while_changed, round_span
 from fedcollm.config import ExperimentConfig
-from fedcollm.data import MCRequest
+from fedcollm.data.generative import TrainItem
 from fedcollm.errors import RoundError
 from fedcollm.federation.aggregate import weighted_mean
 from fedcollm.federation.robust import Rejection
-from fedcollm.lm.encoding import Encoded, encode_pair
+from fedcollm.lm.encoding import Encoded
 from fedcollm.lm.lora import get_adapter, set_adapter
+from fedcollm.lm.training_items import encode_item
 from fedcollm.parties.client import ClientRuntime
 from fedcollm.parties.server import ServerRuntime
 from fedcollm.protocol import Arrays, ClientReply, Metric, Payload, Reporter, Seed, derive_seed
@@ -68,11 +69,11 @@ class FedMKTError(RoundError):
     """A FedMKT round that cannot go on (e.g. every client's upload was rejected)."""
 
 
-def encode_answers(tokenizer: Any, requests: Sequence[MCRequest], max_length: int) -> list[Encoded]:
+def encode_answers(
+    tokenizer: Any, items: Sequence[TrainItem], max_length: int, plain: str = "alpaca"
+) -> list[Encoded]:
     """Public examples in a tokenizer whose model the caller does not hold (answer tokens matter)."""
-    return [
-        encode_pair(tokenizer, r.context, r.continuations[r.gold], max_length=max_length) for r in requests
-    ]
+    return [encode_item(tokenizer, item, add_bos=False, max_length=max_length, plain=plain) for item in items]
 
 
 def vocab_size(tokenizer: Any) -> int:
@@ -161,7 +162,7 @@ class FedMKT(Algorithm):
         llm_tok = client.resources.tokenizer(llm_name)
         requests = client.public_requests
         server_set = KnowledgeSet.unpack(payload.arrays, DOWN, who="the server")
-        server_public = encode_answers(llm_tok, requests, config.train.max_length)
+        server_public = encode_answers(llm_tok, requests, config.train.max_length, config.task.plain_template)
         validate_knowledge(
             server_set,
             who="the server",
@@ -269,7 +270,10 @@ class FedMKT(Algorithm):
         cache = server.state.setdefault("public_by_model", {})
         if name not in cache:
             cache[name] = encode_answers(
-                server.resources.tokenizer(name), server.aux_requests, self.config.train.max_length
+                server.resources.tokenizer(name),
+                server.aux_requests,
+                self.config.train.max_length,
+                self.config.task.plain_template,
             )
         return cache[name]
 

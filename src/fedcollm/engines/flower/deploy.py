@@ -17,6 +17,7 @@ when the run fails.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm.engines.flower.options import FlowerEngineError
-from fedcollm.engines.supervision import Managed, alive, free_port, wait_for_port
+from fedcollm.engines.supervision import Managed, alive, descendants, free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[4]
 SCRIPTS = REPO / "scripts"
@@ -100,9 +101,12 @@ class LocalFederation:
         host: str = "127.0.0.1",
         startup_timeout: float = 60.0,
         site_config: Mapping[int, Mapping[str, str]] | None = None,
+        threads: int | None = None,
     ) -> None:
         """`site_config`: node-config entries for some SuperNodes beyond which client they are,
-        e.g. `{0: {"data-path": "/data/site-0.jsonl"}}` (each site's own file)."""
+        e.g. `{0: {"data-path": "/data/site-0.jsonl"}}` (each site's own file). `threads`: CPU
+        threads per SuperNode (node config `threads`); default: this machine's cores shared out
+        among the SuperNodes, at least one each, as on separate machines none would compete."""
         if auth and not tls:
             raise FlowerEngineError("SuperNode authentication needs TLS (Flower refuses it otherwise)")
         self.workdir = workdir.resolve()
@@ -112,6 +116,7 @@ class LocalFederation:
         self.host = host
         self.startup_timeout = startup_timeout
         self.site_config = {int(k): dict(v) for k, v in (site_config or {}).items()}
+        self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, num_clients))
         self.port = 0
         self.superlink: Managed | None = None
         self.supernodes: dict[int, Managed] = {}
@@ -188,7 +193,7 @@ class LocalFederation:
             runtime_port=free_port(self.host),
             ca=self.certs / "ca.crt" if self.tls else None,
             private_key=self.keys / f"supernode-{client}" if self.auth else None,
-            extra=self.site_config.get(client),
+            extra={"threads": self.threads, **self.site_config.get(client, {})},
         )
         self.supernodes[client] = self._spawn(f"supernode-{client}", args)
 
@@ -275,9 +280,31 @@ class LocalFederation:
             raise FlowerEngineError(f"the SuperLink does not know run {run_id}: {result.stdout[-500:]}")
         return RunStatus(run_id, str(runs[0].get("status", "")))
 
-    def wait(self, run_id: int, timeout: float = 3600.0, poll: float = 2.0) -> RunStatus:
-        """Wait until the run finishes; raise if it fails, times out or the SuperLink dies."""
+    def serverapp_pids(self) -> list[int]:
+        """The ServerApp processes the SuperLink runs now (read from /proc; [] elsewhere)."""
+        if self.superlink is None:
+            return []
+        found = []
+        for pid in descendants(self.superlink.proc.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "flwr-serverapp" in command:
+                found.append(pid)
+        return found
+
+    def wait(
+        self, run_id: int, timeout: float = 3600.0, poll: float = 2.0, check_every: float = 30.0
+    ) -> RunStatus:
+        """Wait until the run finishes; raise if it fails, times out or the SuperLink dies.
+
+        The run's status comes from `flwr ls`, a process that costs about a CPU-second: it is
+        asked while no ServerApp process runs (the run is starting or has ended) and otherwise
+        every `check_every` seconds only, so waiting does not take the CPU from the run it waits
+        for (asked every 2 s it took half a core of this 2-core machine)."""
         deadline = time.monotonic() + timeout
+        checked = -math.inf
         while True:
             if self.superlink is None or not self.superlink.running():
                 raise FlowerEngineError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
@@ -285,6 +312,10 @@ class LocalFederation:
             for node in self.supernodes.values():
                 if node.running():
                     node.remember()
+            if self.serverapp_pids() and time.monotonic() - checked < check_every:
+                time.sleep(poll)
+                continue
+            checked = time.monotonic()
             state = self.status(run_id)
             if state.finished:
                 if not state.ok:
@@ -350,7 +381,7 @@ def supernode_command(
     runtime_port: int,
     ca: Path | None = None,
     private_key: Path | None = None,
-    extra: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """`flower-supernode`'s command line; `extra`: further node-config entries (`data-path`)."""
     node_config = {"partition-id": client, "num-partitions": num_clients, **(extra or {})}

@@ -56,6 +56,10 @@ class FlowerOptions:
     gpus_per_client: float = 0.0
     """Simulation only: share of a GPU reserved per ClientApp actor (0.25 = four clients side by
     side on each GPU; Ray gives each actor its GPU, where `device = "auto"` finds it); 0 = none."""
+    node_worker: bool = True
+    """Deployment: each SuperNode keeps one worker process per run that holds its client's SLM and
+    data across messages (`node_worker`); false: every message loads them afresh in its own
+    ClientApp process. The simulation never uses workers (its Ray actors live for the run)."""
     verbose: bool = False
     """Show Flower's own INFO logs."""
 

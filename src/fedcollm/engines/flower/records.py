@@ -13,6 +13,11 @@ Message types (the ClientApp registers one handler per type):
   leave the node only through SecAgg+ (`secagg`), and the server learns only their means.
 - `evaluate`     a client scores its own SLM (algorithms whose server never holds its adapter).
 - `train`        the SecAgg+ stages (Flower's `secaggplus_mod`), uploading the held adapter masked.
+- `query.release` at the end of a run, server tells each SuperNode to stop the worker process
+  that kept the client's model and data loaded for the run (`node_worker`).
+
+Every request's `fedcollm` record also says whether the node should keep a worker for the run
+(`worker`) and names the run instance (`instance`, kept across resumes).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ HELLO = "query.hello"
 DATA_CHECK = "query.data"
 TRAIN_LOCAL = "train.local"
 EVALUATE = "evaluate"
+RELEASE = "query.release"
 
 PAYLOAD_ARRAYS = "payload"
 PAYLOAD_CONFIG = "payload.config"
@@ -37,6 +43,9 @@ RUN = "fedcollm"
 REPLY_ARRAYS = "reply"
 REPLY_META = "reply.meta"
 REPLY_METRICS = "reply.metrics"
+HELD_UPLOAD = "held"
+"""Between a node's worker and its ClientApp only: the adapter to hold for SecAgg+."""
+HELD_WEIGHT = "held.weight"
 
 
 def scalar(record: ConfigRecord, key: str) -> int | float | str | bool:
@@ -76,6 +85,8 @@ class TrainRequest:
     hold: bool = False
     instance: str = ""
     """The run instance (kept across resumes) whose client checkpoints the client uses."""
+    worker: bool = False
+    """Whether the node keeps a worker process for the run (`node_worker`; deployment)."""
 
     def to_record(self) -> RecordDict:
         return RecordDict(
@@ -88,6 +99,7 @@ class TrainRequest:
                         "experiment": self.experiment,
                         "hold": self.hold,
                         "instance": self.instance,
+                        "worker": self.worker,
                     }
                 ),
             }
@@ -104,7 +116,15 @@ class TrainRequest:
             config={key: scalar(settings, key) for key in settings},
             hold=bool(scalar(run, "hold")),
             instance=str(scalar(run, "instance")),
+            worker=bool(scalar(run, "worker")) if "worker" in run else False,
         )
+
+
+def routing(content: RecordDict) -> tuple[str, bool]:
+    """(run instance, whether to use the node's worker) of any request that names them."""
+    run = content.config_records[RUN]
+    instance = str(scalar(run, "instance")) if "instance" in run else ""
+    return instance, bool(scalar(run, "worker")) if "worker" in run else False
 
 
 @dataclass

@@ -57,9 +57,12 @@ def serve(
         secure_aggregation=options.secagg,
     )
     transport = FlowerTransport(grid, config, options, reporter, recorder)
-    if algorithm.uses_clients:
-        transport.connect()
-    run_rounds(algorithm, server, transport, recorder, reporter, resume=resume)
+    try:
+        if algorithm.uses_clients:
+            transport.connect()
+        run_rounds(algorithm, server, transport, recorder, reporter, resume=resume)
+    finally:
+        transport.release()
     return recorder
 
 
@@ -101,7 +104,13 @@ def main(grid: Grid, context: Context) -> None:
     if not options.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     resume = bool(context.run_config.get("resume", False))
-    serve(grid, config, out, options, overwrite=overwrite, resume=resume, reporter=_LogReporter())
+    reporter = _LogReporter()
+    import torch
+
+    reporter.message(
+        f"ServerApp process {os.getpid()}: torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    serve(grid, config, out, options, overwrite=overwrite, resume=resume, reporter=reporter)
 
 
 class _LogReporter(Reporter):

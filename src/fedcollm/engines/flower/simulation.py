@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +88,8 @@ def run_simulation(
 
     from fedcollm.algorithms import check_config
 
-    options = options or FlowerOptions()
+    # Ray's actors serve every message of the run in one process each: no node workers.
+    options = replace(options or FlowerOptions(), node_worker=False)
     # Before Ray starts: a config SecAgg+ cannot run stops here (the ServerApp checks it again).
     check_config(config, secure_aggregation=options.secagg)
     recorder: list[RunRecorder] = []

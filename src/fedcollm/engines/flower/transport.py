@@ -217,7 +217,9 @@ class FlowerTransport:
         clients whose data does not, with the reason their node gave, are left out of the run."""
         if self.data_errors is not None:
             return dict(self.data_errors)
-        request = RecordDict({records.RUN: ConfigRecord({"experiment": self.experiment})})
+        asked = ConfigRecord({"experiment": self.experiment, "instance": self.instance})
+        asked["worker"] = self.options.node_worker
+        request = RecordDict({records.RUN: asked})
         nodes = dict(sorted(self.clients.items(), key=lambda item: item[1]))
         messages = [Message(request, dst_node_id=node, message_type=records.DATA_CHECK) for node in nodes]
         self.reporter.phase(f"checking the data of {len(messages)} clients")
@@ -269,6 +271,20 @@ class FlowerTransport:
             f"(min-clients={self.options.min_clients}). {reasons}"
         )
 
+    def release(self, timeout: float = 60.0) -> None:
+        """The run is over: ask every connected SuperNode to stop its worker for it (`query.release`).
+
+        Best effort: a node that does not answer stops its worker when the worker's idle timeout
+        passes or its SuperNode goes away."""
+        if not self.options.node_worker or not self.clients:
+            return
+        content = RecordDict({records.RUN: ConfigRecord({"instance": self.instance, "worker": True})})
+        messages = [Message(content, dst_node_id=node, message_type=records.RELEASE) for node in self.clients]
+        try:
+            self.grid.send_and_receive(messages, timeout=timeout)
+        except Exception as exc:  # the run's result is written already; never fail it here
+            self.reporter.message(f"could not release the SuperNodes' workers: {exc}")
+
     # ---------------------------------------------------------------------------------------
     # Local training
 
@@ -284,6 +300,7 @@ class FlowerTransport:
             config=dict(payload.config),
             hold=hold,
             instance=self.instance,
+            worker=self.options.node_worker,
         )
         messages = [
             Message(
