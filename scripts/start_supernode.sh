@@ -4,11 +4,13 @@
 # processes it starts.
 #
 #   scripts/start_supernode.sh --superlink HOST:PORT --partition-id K --num-partitions N
-#                              [--data FILE] [--ca FILE] [--key FILE] [--port PORT] [--home DIR]
+#                              [--data FILE] [--eval FILE] [--ca FILE] [--key FILE] [--port PORT] [--home DIR]
 #                              [--node-config 'KEY=VALUE ...']
 #
 #   --data FILE   this site's own training file (node config data-path; for experiments with
 #                 task.client_source = "files"); read by this site's ClientApp, sent nowhere
+#   --eval FILE   this site's own evaluation file (node config eval-path; for experiments with
+#                 task.client_eval = true): only its scores leave the site
 #   --ca FILE     the CA certificate that signed the SuperLink's (TLS); without it: --insecure
 #   --key FILE    this SuperNode's private key, when the SuperLink runs with --auth
 #   --port PORT   this SuperNode's local Runtime API port (default 9094; must differ between
@@ -18,13 +20,14 @@
 #                 (docs/deployment.md lists the keys)
 set -euo pipefail
 source "$(dirname "$0")/_flower_env.sh"
-superlink="" partition="" partitions="" data="" ca="" key="" port=9094 home="" extra=""
+superlink="" partition="" partitions="" data="" evaluation="" ca="" key="" port=9094 home="" extra=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --superlink) superlink=$2; shift 2 ;;
     --partition-id) partition=$2; shift 2 ;;
     --num-partitions) partitions=$2; shift 2 ;;
     --data) data=$2; shift 2 ;;
+    --eval) evaluation=$2; shift 2 ;;
     --ca) ca=$2; shift 2 ;;
     --key) key=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
@@ -41,6 +44,10 @@ node_config="partition-id=$partition num-partitions=$partitions"
 if [[ -n "$data" ]]; then
   [[ -e "$data" ]] || { echo "--data $data: no such file or folder" >&2; exit 2; }
   node_config+=" data-path=\"$(realpath "$data")\""
+fi
+if [[ -n "$evaluation" ]]; then
+  [[ -e "$evaluation" ]] || { echo "--eval $evaluation: no such file or folder" >&2; exit 2; }
+  node_config+=" eval-path=\"$(realpath "$evaluation")\""
 fi
 if [[ -n "$extra" ]]; then node_config+=" $extra"; fi
 args=(flower-supernode --superlink "$superlink" --port "$port" --node-config "$node_config")

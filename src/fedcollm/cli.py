@@ -117,20 +117,21 @@ DeviceOption = Annotated[
 ]
 
 
-def _site_data(items: list[str], num_clients: int) -> dict[int, Path]:
-    """`--site-data K=PATH` options as client -> file, each checked to name a client and a path."""
+def _site_data(items: list[str], num_clients: int, option: str = "--site-data") -> dict[int, Path]:
+    """`--site-data K=PATH` (or `--site-eval`) options as client -> file, each checked to name a
+    client and a path."""
     from fedcollm.config import ConfigError
 
     sites: dict[int, Path] = {}
     for item in items:
         client, sep, path = item.partition("=")
         if not sep or not client.strip().isdigit() or not path:
-            raise ConfigError(f"--site-data {item!r}: expected CLIENT=PATH, e.g. --site-data 0=site-a.jsonl")
+            raise ConfigError(f"{option} {item!r}: expected CLIENT=PATH, e.g. {option} 0=site-a.jsonl")
         k = int(client)
         if not 0 <= k < num_clients:
-            raise ConfigError(f"--site-data {item!r}: client {k} is not one of 0..{num_clients - 1}")
+            raise ConfigError(f"{option} {item!r}: client {k} is not one of 0..{num_clients - 1}")
         if not Path(path).exists():
-            raise ConfigError(f"--site-data {item!r}: {path} does not exist")
+            raise ConfigError(f"{option} {item!r}: {path} does not exist")
         sites[k] = Path(path)
     return sites
 
@@ -262,6 +263,13 @@ def deploy(
             '--site-data 0=site-a.jsonl (experiments with task.client_source = "files").'
         ),
     ] = None,
+    site_eval: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Client K's own evaluation file, given to its SuperNode as eval-path: "
+            "--site-eval 0=eval-a.jsonl (experiments with task.client_eval = true)."
+        ),
+    ] = None,
 ) -> None:
     """Run an experiment on Flower's deployment engine: a SuperLink and one SuperNode per client,
     each a separate process on 127.0.0.1 (docs/deployment.md shows the same on real machines)."""
@@ -272,11 +280,18 @@ def deploy(
     _quiet_libraries()
     set_ = _with_device(set_, device)
     cfg = load_config(config, set_)
-    if cfg.task.client_data:
-        # The run's processes do not start in this folder: name the files absolutely.
-        files = [str(Path(path).resolve()) for path in cfg.task.client_data]
-        set_ = [*set_, f"task.client_data={json.dumps(files)}"]
+    # The run's processes do not start in this folder: name the files absolutely.
+    for key in ("client_data", "client_eval_data"):
+        if getattr(cfg.task, key):
+            files = [str(Path(path).resolve()) for path in getattr(cfg.task, key)]
+            set_ = [*set_, f"task.{key}={json.dumps(files)}"]
+    for key in ("aux_data", "eval_data"):
+        if getattr(cfg.task, key):
+            set_ = [*set_, f"task.{key}={json.dumps(str(Path(getattr(cfg.task, key)).resolve()))}"]
+    if Path(cfg.task.source).exists():
+        set_ = [*set_, f"task.source={json.dumps(str(Path(cfg.task.source).resolve()))}"]
     sites = _site_data(site_data or [], cfg.federation.num_clients)
+    evals = _site_data(site_eval or [], cfg.federation.num_clients, "--site-eval")
     check_config(cfg, str(config), secure_aggregation=secagg)
     out = out or Path("runs") / cfg.name
     console.print(
@@ -295,6 +310,7 @@ def deploy(
         overwrite=overwrite,
         on_status=console.log,
         site_data=sites,
+        site_eval=evals,
     )
     console.print(f"[green]done[/]: {out}")
     console.print((out / "results.md").read_text(encoding="utf-8"))

@@ -227,6 +227,19 @@ class TaskConfig(_Section):
         "template; a model without one uses this plain template: alpaca (Stanford Alpaca's "
         'instruction prompt) or turns ("User:" / "Assistant:" lines, for multi-turn chats).',
     )
+    client_eval: bool = Field(
+        False,
+        description="Each client also scores the SLM it holds (the global one, or its own where it "
+        "keeps one) on its own evaluation file after every evaluation round: its SuperNode's "
+        "--node-config eval-path, else client_eval_data[k]. Only the scores leave the site "
+        "(metrics local_acc, local_exact_match, ... per client and their mean); a file that does "
+        "not fit leaves the client out before the first round.",
+    )
+    client_eval_data: list[str] = Field(
+        default_factory=list,
+        description="client_eval: each client's own evaluation file, one per client (embedded and "
+        "simulation engines); a SuperNode's eval-path takes precedence.",
+    )
     aux_data: str | None = Field(
         None,
         description="The server's own auxiliary set D_a (FedMKT's public set), a file read where the "
@@ -652,6 +665,16 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"task.client_data names {len(task.client_data)} files but task.client_source = "
                 f'{task.client_source!r}; set client_source = "files" to use them'
+            )
+        if task.client_eval_data and not task.client_eval:
+            raise ValueError(
+                f"task.client_eval_data names {len(task.client_eval_data)} files but task.client_eval "
+                "is false; set client_eval = true to use them"
+            )
+        if task.client_eval_data and len(task.client_eval_data) != clients:
+            raise ValueError(
+                f"task.client_eval_data names {len(task.client_eval_data)} files for "
+                f"federation.num_clients={clients} (one per client, client 0 first)"
             )
         if task.client_data and len(task.client_data) != clients:
             raise ValueError(

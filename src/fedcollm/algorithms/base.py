@@ -18,6 +18,7 @@ from fedcollm.algorithms.steps import (
     evaluate_role,
     generation_items,
     mean_over_clients,
+    score_items,
     score_model,
 )
 from fedcollm.config import ExperimentConfig
@@ -189,26 +190,44 @@ class Algorithm(ABC):
     def client_evaluate(
         self, client: ClientRuntime, payload: Payload, rnd: int, reporter: Reporter
     ) -> ClientReply:
-        """A client scores its own SLM (its current adapter) on the public evaluation set.
+        """A client scores an SLM: the adapter the payload carries (the global one, sent for the
+        client's own evaluation file), else its own current adapter.
 
-        The reply carries the metrics and, for the per-question records, every choice's
-        log-likelihood (`records.to_wire`; the server knows the questions).
+        On the public evaluation set (unless the payload says `local_only`) the reply carries the
+        metrics and, for the per-question records, every choice's log-likelihood
+        (`records.to_wire`) or every generated answer's scores: the server knows the questions.
+        On the client's own evaluation file (`task.client_eval`) it carries only the scores,
+        prefixed `local_`; nothing of that file leaves the client.
         """
-        if "adapter" in client.state:
+        if payload.arrays:
+            set_adapter(client.slm.model, self.from_wire(payload.arrays))
+        elif "adapter" in client.state:
             set_adapter(client.slm.model, client.state["adapter"])
-        reporter.phase(f"round {rnd} · client {client.client_id} evaluating its {client.slm.name}")
-        if any(isinstance(item, GenerationItem) for item in client.eval_requests):
-            # Its answers stay on the node; the server learns each answer's scores.
-            answers = answer_model(self.config, client.slm, generation_items(client.eval_requests), reporter)
-            return ClientReply(
-                client.client_id, records.generation_scores_to_wire(answers), len(answers), summary(answers)
-            )
-        result = score_model(
-            self.config, client.slm, client.encoded_eval(self.config), reporter, client.resources
-        )
-        return ClientReply(
-            client.client_id, records.to_wire(result.loglikelihoods), result.n, result.summary()
-        )
+        arrays: Arrays = {}
+        metrics: dict[str, float] = {}
+        n = 0
+        if not payload.config.get("local_only"):
+            reporter.phase(f"round {rnd} · client {client.client_id} evaluating its {client.slm.name}")
+            if client.eval_requests and isinstance(client.eval_requests[0], GenerationItem):
+                # Its answers stay on the node; the server learns each answer's scores.
+                answers = answer_model(
+                    self.config, client.slm, generation_items(client.eval_requests), reporter
+                )
+                arrays, n, metrics = (
+                    records.generation_scores_to_wire(answers),
+                    len(answers),
+                    summary(answers),
+                )
+            else:
+                result = score_model(
+                    self.config, client.slm, client.encoded_eval(self.config), reporter, client.resources
+                )
+                arrays, n, metrics = records.to_wire(result.loglikelihoods), result.n, result.summary()
+        if client.local_eval:
+            reporter.phase(f"round {rnd} · client {client.client_id} evaluating on its own evaluation file")
+            own = score_items(self.config, client.slm, client.local_eval, reporter)
+            metrics |= {f"local_{key}": value for key, value in own.items()}
+        return ClientReply(client.client_id, arrays, n, metrics)
 
     def aggregate_evaluate(self, replies: Sequence[ClientReply], rnd: int) -> list[Metric]:
         """Per-client SLM accuracy and its mean over clients (role "slm", client None)."""

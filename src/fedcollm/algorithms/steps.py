@@ -12,7 +12,15 @@ from fedcollm.config import ExperimentConfig
 from fedcollm.data.generative import EvalItem, GenerationItem
 from fedcollm.evaluation.free_text import answer_items, summary
 from fedcollm.evaluation.generation import GenerationSettings
-from fedcollm.evaluation.multiple_choice import EncodedRequests, EvalResult, score, sequence_loglikelihoods
+from fedcollm.evaluation.multiple_choice import (
+    EncodedRequests,
+    EvalResult,
+    encode_requests,
+    multiple_choice,
+    score,
+    scoring_length,
+    sequence_loglikelihoods,
+)
 from fedcollm.evaluation.records import GeneratedRecord, GenerationSet, QuestionSet
 from fedcollm.federation import wire
 from fedcollm.federation.privacy import mechanism
@@ -104,6 +112,25 @@ def answer_model(
         seed=config.eval_seed,
         on_batch=reporter.advance,
     )
+
+
+def score_items(
+    config: ExperimentConfig, lm: LoadedModel, items: Sequence[EvalItem], reporter: Reporter
+) -> dict[str, float]:
+    """`lm`'s scores (its current adapter) on items that no record is kept of (a client's own
+    evaluation file): acc and acc_norm of chosen answers, or those of generated answers."""
+    if items and isinstance(items[0], GenerationItem):
+        return summary(answer_model(config, lm, generation_items(items), reporter))
+    encoded = encode_requests(
+        lm.tokenizer,
+        multiple_choice(items),
+        add_bos=lm.add_bos,
+        max_length=scoring_length(lm.model, lm.tokenizer),
+    )
+    lls = sequence_loglikelihoods(
+        lm.model, encoded.sequences, lm.pad_id, config.eval.batch_size, reporter.advance
+    )
+    return score(encoded, lls).summary()
 
 
 def evaluate_role(

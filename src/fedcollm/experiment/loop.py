@@ -187,9 +187,15 @@ def _evaluate(
     metrics = algorithm.evaluate(server, rnd, reporter)
     question_sets = server.take_evaluations()
     if algorithm.evaluates_on_clients:
+        # Each client scores its own SLM (and, with task.client_eval, on its own file too).
         replies = sorted(transport.evaluate(Payload({}, {"round": rnd}), rnd), key=lambda r: r.client)
         metrics += algorithm.aggregate_evaluate(replies, rnd)
         question_sets += algorithm.client_question_sets(server, replies, rnd)
+    elif algorithm.config.task.client_eval and algorithm.uses_clients:
+        # The server's SLM, scored by every client on its own evaluation file: scores only.
+        payload = Payload(algorithm.to_wire(server.global_adapter), {"round": rnd, "local_only": True})
+        replies = sorted(transport.evaluate(payload, rnd), key=lambda r: r.client)
+        metrics += algorithm.aggregate_evaluate(replies, rnd)
     recorder.record_questions(question_sets)
     recorder.record(metrics)
 

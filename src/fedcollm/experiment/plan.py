@@ -122,6 +122,13 @@ def _client_file_lines(config: ExperimentConfig, data: ExperimentData) -> list[P
         except DataError as exc:
             text = f"refused, the run goes on without it only if robustness.min_clients allows: {exc}"
         lines.append(PlanLine(f"client {k}", text))
+    for k, path in enumerate(config.task.client_eval_data):
+        try:
+            size = len(data.client_eval_records(config, k))
+            text = f"{path}: {size} {data.family.record_name}s to evaluate on"
+        except DataError as exc:
+            text = f"refused, the run goes on without it only if robustness.min_clients allows: {exc}"
+        lines.append(PlanLine(f"client {k} evaluation", text))
     return lines
 
 

@@ -266,6 +266,7 @@ def results_markdown(
                     f"{100 * value:.1f} ± {100 * err:.1f}" if value is not None and err is not None else "-"
                 )
         lines.append(f"| {role.upper()} | {names[role]} | " + " | ".join(cells) + " |")
+    lines += _local_lines(metrics, keys, last)
     if generated:
         lines += _generation_before_after_lines(
             [s for s in question_sets if isinstance(s, GenerationSet)], last
@@ -282,6 +283,38 @@ def results_markdown(
     ]
     lines += _privacy_lines(metrics)
     return "\n".join(lines)
+
+
+def _local_lines(metrics: Sequence[Metric], keys: Sequence[str], last: int) -> list[str]:
+    """The SLM on the clients' own evaluation files (`task.client_eval`): each client's scores and
+    their mean, before training and after the last round; nothing without such files."""
+    local = [m for m in metrics if m.role == "slm" and m.metric.startswith("local_")]
+    if not local:
+        return []
+
+    def value(client: int | None, rnd: int, key: str) -> str:
+        found = [
+            m.value for m in local if m.client == client and m.round == rnd and m.metric == f"local_{key}"
+        ]
+        return f"{100 * found[0]:.1f}" if found else "-"
+
+    header = " | ".join(f"{key} before | {key} after" for key in keys)
+    clients = sorted({m.client for m in local if m.client is not None})
+    rows = [
+        f"| {'mean over clients' if client is None else f'client {client}'} | "
+        + " | ".join(f"{value(client, 0, key)} | {value(client, last, key)}" for key in keys)
+        + " |"
+        for client in [None, *clients]
+    ]
+    return [
+        "",
+        "The SLM each client holds, scored by the client on its own evaluation file "
+        "(task.client_eval; only these scores left the sites):",
+        "",
+        f"| clients' own files | {header} |",
+        "|---|" + "---|" * (2 * len(keys)),
+        *rows,
+    ]
 
 
 def _generation_before_after_lines(sets: Sequence[GenerationSet], last: int) -> list[str]:

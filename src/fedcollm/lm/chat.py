@@ -29,7 +29,7 @@ def _alpaca(prompt: Sequence[Message]) -> str:
     system = "".join(f"{m.content}\n\n" for m in prompt if m.role == "system")
     users = [m.content for m in prompt if m.role != "system"]
     if len(users) != 1 or prompt[-1].role != "user":
-        raise EncodingError("the 'alpaca' template takes one instruction (one user turn); use 'turns'")
+        raise EncodingError("the 'alpaca' template takes one instruction (one user turn)")
     return f"{system or ALPACA_HEADER}### Instruction:\n{users[0]}\n\n### Response:\n"
 
 
@@ -65,7 +65,14 @@ def render_chat(
     response = example.response
     if tokenizer.eos_token:
         response += tokenizer.eos_token  # the model learns to stop after its answer
-    return PLAIN_TEMPLATES[plain](example.prompt), " " + response if plain == "turns" else response
+    try:
+        prompt = PLAIN_TEMPLATES[plain](example.prompt)
+    except EncodingError as exc:
+        raise EncodingError(
+            f"example {example.id!r}: {exc} (the model has no chat template of its own: set "
+            'task.plain_template = "turns")'
+        ) from None
+    return prompt, " " + response if plain == "turns" else response
 
 
 def encode_chat(

@@ -30,6 +30,8 @@ class ClientRuntime:
     eval_requests: list[EvalItem] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     public_requests: list[TrainItem] = field(default_factory=list)
+    local_eval: list[EvalItem] = field(default_factory=list)
+    """The client's own evaluation set (`task.client_eval`): scored where it is, only scores leave."""
     """The public set every party may see (the server's auxiliary set; FedMKT's D_p)."""
     resources: SharedResources = field(default_factory=SharedResources)
     """Tokenizers and token bridges shared with the other parties of this process."""
@@ -43,10 +45,13 @@ class ClientRuntime:
         slm: LoadedModel,
         resources: SharedResources | None = None,
         data_path: str | None = None,
+        eval_path: str | None = None,
     ) -> ClientRuntime:
-        """Client `client_id` with its training questions encoded for its SLM; `data_path`: its
-        own file where the node names one (`ExperimentData.client_records`)."""
+        """Client `client_id` with its training questions encoded for its SLM; `data_path` and
+        `eval_path`: its own training and evaluation files where the node names them
+        (`ExperimentData.client_records`, `client_eval_records`)."""
         requests = data.client_requests(config, client_id, data_path)
+        local_eval = data.client_eval_requests(config, client_id, eval_path)
         resources = resources if resources is not None else SharedResources()
         resources.know(slm)
         return cls(
@@ -56,6 +61,7 @@ class ClientRuntime:
             requests,
             eval_requests=data.eval_requests(config),
             public_requests=data.aux_requests(config),
+            local_eval=local_eval,
             resources=resources,
         )
 

@@ -118,6 +118,38 @@ class ExperimentData:
         except DataError as exc:
             raise DataError(f"client {client}: {exc}") from None
 
+    def client_eval_records(
+        self, config: ExperimentConfig, client: int, eval_path: str | None = None
+    ) -> list[Record]:
+        """Client `client`'s own evaluation records (`task.client_eval`): `eval_path` (its
+        SuperNode's node config) else `task.client_eval_data[k]`; none without client_eval.
+
+        Raises `DataError` naming the client, the file, line and field at fault.
+        """
+        task = config.task
+        if not task.client_eval:
+            return []
+        path = eval_path or (task.client_eval_data[client] if task.client_eval_data else None)
+        if path is None:
+            raise DataError(
+                f"client {client} has no evaluation file (task.client_eval): start its SuperNode with "
+                "--node-config 'eval-path=\"/path/to/eval.jsonl\"' or list it in task.client_eval_data"
+            )
+        try:
+            records = list(self.family.read_file(path, None, ()))
+        except DataError as exc:
+            raise DataError(f"client {client}: evaluation file: {exc}") from None
+        return records
+
+    def client_eval_requests(
+        self, config: ExperimentConfig, client: int, eval_path: str | None = None
+    ) -> list[EvalItem]:
+        """Client `client`'s own evaluation items (none without `task.client_eval`)."""
+        return [
+            self.family.eval_item(r, config.task.format)
+            for r in self.client_eval_records(config, client, eval_path)
+        ]
+
     def client_requests(
         self, config: ExperimentConfig, client: int, data_path: str | None = None
     ) -> list[TrainItem]:

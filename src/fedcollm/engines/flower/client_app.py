@@ -24,6 +24,11 @@ stack.
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from pathlib import Path
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -44,10 +49,30 @@ def hello(msg: Message, context: Context) -> Message:
 def _work(kind: client_work.WorkKind, msg: Message, context: Context) -> RecordDict:
     """The reply content of a request: from the node's worker where asked and allowed, else here."""
     instance, use_worker = records.routing(msg.content)
+    started, age = time.perf_counter(), _process_age()
     if use_worker and node_worker.available(context.node_config):
         client, _ = client_work.partition(context.node_config)
-        return node_worker.NodeWorker(context.node_config, instance, client).call(kind, msg.content)
-    return client_work.handle(kind, msg.content, context.node_config)
+        reply = node_worker.NodeWorker(context.node_config, instance, client).call(kind, msg.content)
+    else:
+        reply = client_work.handle(kind, msg.content, context.node_config)
+    # For the node's operator: what a message costs beyond its work (the process, Flower's polls).
+    since = "" if age is None else f" {age:.1f} s after this ClientApp process started,"
+    print(
+        f"fedcollm: {kind} handled{since} in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return reply
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc; None elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 @app.query("data")

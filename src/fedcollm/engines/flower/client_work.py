@@ -9,8 +9,9 @@ every later message of the run. Both give the same reply bit for bit: the worker
 function.
 
 From the node config a client takes which client it is (`partition-id`, `num-partitions`), and
-optionally where its SLM computes (`device=cuda:1`), its own training file (`data-path`), how
-many CPU threads it may use (`threads`) and where it checkpoints its state (`state-dir`).
+optionally where its SLM computes (`device=cuda:1`), its own training and evaluation files
+(`data-path`, `eval-path`), how many CPU threads it may use (`threads`) and where it checkpoints
+its state (`state-dir`).
 
 Between messages a client keeps exactly what the algorithm's `client_state` hook returns, as a
 checkpoint on the node's disk per round (`client_state_dir`: atomic, checksummed, bound to the
@@ -66,6 +67,12 @@ def partition(node_config: NodeConfig) -> tuple[int, int]:
 def data_path(node_config: NodeConfig) -> str | None:
     """The site's own training file, from its `--node-config data-path=...` (None if not given)."""
     path = node_config.get("data-path")
+    return None if path is None else str(path)
+
+
+def eval_path(node_config: NodeConfig) -> str | None:
+    """The site's own evaluation file, from its `--node-config eval-path=...` (None if not given)."""
+    path = node_config.get("eval-path")
     return None if path is None else str(path)
 
 
@@ -148,7 +155,13 @@ def _runtime(experiment: str, client: int, node_config: NodeConfig) -> tuple[Exp
             _note(f"loading {name} for client {client} (process {os.getpid()})")
             built.models[name] = load_client_model(config, name)
         built.runtimes[client] = ClientRuntime.create(
-            config, built.data, client, built.models[name], built.resources, data_path(node_config)
+            config,
+            built.data,
+            client,
+            built.models[name],
+            built.resources,
+            data_path(node_config),
+            eval_path(node_config),
         )
     return config, built.runtimes[client]
 
@@ -283,6 +296,7 @@ def check_data(experiment: str, node_config: NodeConfig) -> dict[str, Scalar]:
         config = _config(experiment, node_config)
         built = _experiment(experiment, config, node_config)
         questions = built.data.client_records(config, client, data_path(node_config))
+        built.data.client_eval_records(config, client, eval_path(node_config))  # its own file fits too
         return {"client": client, "num_examples": len(questions)}
     except FedcollmError as exc:
         print(f"fedcollm: client {client}'s data does not fit the experiment: {exc}", file=sys.stderr)

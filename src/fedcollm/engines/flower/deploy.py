@@ -443,12 +443,14 @@ def deploy_experiment(
     timeout: float = 24 * 3600.0,
     on_status: Any = None,
     site_data: Mapping[int, Path] | None = None,
+    site_eval: Mapping[int, Path] | None = None,
 ) -> RunStatus:
     """Run an experiment on a SuperLink and `num_clients` SuperNodes started here (127.0.0.1).
 
     Flower's files (homes, logs, certificates) go to `<out>/flower`; every process is stopped
     when the run ends or fails. `site_data`: client -> its own training file, given to that
-    client's SuperNode as `--node-config data-path=...` (experiments with client files).
+    client's SuperNode as `--node-config data-path=...` (experiments with client files);
+    `site_eval`: client -> its own evaluation file, as `eval-path=...` (`task.client_eval`).
     """
     out = out.resolve()
     run_config: dict[str, Any] = {
@@ -458,7 +460,10 @@ def deploy_experiment(
         "overwrite": overwrite,
         **(options or {}),
     }
-    sites = {k: {"data-path": str(Path(path).resolve())} for k, path in (site_data or {}).items()}
+    sites: dict[int, dict[str, str]] = {}
+    for key, files in (("data-path", site_data), ("eval-path", site_eval)):
+        for k, path in (files or {}).items():
+            sites.setdefault(k, {})[key] = str(Path(path).resolve())
     with LocalFederation(out / "flower", num_clients, tls=tls, auth=auth, site_config=sites) as federation:
         run_id = federation.submit(run_config)
         if on_status is not None:
