@@ -355,3 +355,36 @@ def test_compare_refuses_free_text_tasks_before_running_anything(
 
     with pytest.raises(ConfigError, match="answered in free text"):
         run_comparison(config, tmp_path / "cmp", never, tasks=["instructions"])  # type: ignore[arg-type]
+
+
+def test_fedcollm_distils_over_the_response_tokens_of_instruction_data(
+    tiny_models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's mutual distillation compares the two models at the response positions only:
+    each aligned sequence's target is the conversation's response (and the end the template
+    writes after it), in each model's own tokenisation."""
+    import fedcollm.algorithms.fedcollm.algorithm as fedcollm_module
+
+    seen: list[tuple[list, list]] = []
+    distil = fedcollm_module.mutual_distill
+
+    def recording(llm_model, slm_model, llm_examples, slm_examples, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((list(llm_examples), list(slm_examples)))
+        return distil(llm_model, slm_model, llm_examples, slm_examples, *args, **kwargs)
+
+    monkeypatch.setattr(fedcollm_module, "mutual_distill", recording)
+    config = build_config(free_text_config(tiny_models, "fedcollm", tmp_path))
+    run_experiment(config, tmp_path / "run")
+    from fedcollm.data.families import task_family
+    from fedcollm.lm.loading import load_tokenizer
+
+    aux = ExperimentData.load(config).aux_records()
+    llm_examples, slm_examples = seen[0]
+    for examples, name in ((llm_examples, config.llm.name), (slm_examples, config.slm.name)):  # type: ignore[union-attr]
+        tokenizer = load_tokenizer(name)
+        for encoded, record in zip(examples, aux, strict=True):
+            target = tokenizer.decode(list(encoded.answer_ids), skip_special_tokens=True)
+            assert target.strip() == record.response, "the loss positions are the response's"
+            context = tokenizer.decode(list(encoded.input_ids[: encoded.n_context]), skip_special_tokens=True)
+            assert record.messages[0].content.split("\n")[0] in context
+    assert task_family(config.task.name).kind == "generation"
