@@ -6,10 +6,14 @@ each engine's mean round as a multiple of the embedded engine's, measured in the
 A round is timed from its start to the start of the next round (the last one: to the final
 evaluation), so the server's loading and the evaluation before training are excluded; what the
 clients load (in deployment: in their workers, or in every ClientApp process without them) is in
-the rounds. Deployment runs its SuperNodes with the node workers (`node_worker`, the default)
-and, as `deployment-no-worker`, without them (a fresh process and load per message).
+the rounds. Deployment runs its SuperNodes as `fedcollm deploy` does: node workers
+(`node_worker`) keep each client's SLM and data loaded, and each ClientApp is forked from a warm
+executor (`clientapp_executor`). `deployment-flower-executor` keeps the workers but lets Flower's
+SuperExec start every ClientApp as a fresh process; `deployment-no-worker` has neither (a fresh
+process that loads the model stack, the data and the SLM for every message).
 
-    .venv/bin/python bench/bench_engines.py --engines embedded,deployment,deployment-no-worker
+    .venv/bin/python bench/bench_engines.py \
+        --engines embedded,deployment,deployment-flower-executor,deployment-no-worker
     .venv/bin/python bench/bench_engines.py                       # every variant
     .venv/bin/python bench/bench_engines.py --engines embedded,simulation --set task.train_limit=40
 """
@@ -44,6 +48,7 @@ VARIANTS = (
     "simulation-secagg",
     "deployment",
     "deployment-secagg",
+    "deployment-flower-executor",
     "deployment-no-worker",
 )
 
@@ -89,7 +94,11 @@ def run_variant(variant: str, config_path: Path, overrides: list[str], work: Pat
     out = work / variant
     shutil.rmtree(out, ignore_errors=True)
     if variant.startswith("deployment"):
-        federation = LocalFederation(work / f"{variant}-federation", config.federation.num_clients)
+        federation = LocalFederation(
+            work / f"{variant}-federation",
+            config.federation.num_clients,
+            warm_clientapps=not variant.endswith(("flower-executor", "no-worker")),
+        )
         with federation:
             import shlex
 

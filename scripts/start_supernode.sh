@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Start the SuperNode of client K on its machine (foreground; Ctrl-C stops it). The node config
 # tells it which client it is; its private data stays in this process and the ClientApp
-# processes it starts.
+# processes it starts. Each ClientApp is forked from a warm executor started beside the node
+# (fedcollm.engines.flower.clientapp_executor; --isolation process); --flower-executor lets
+# Flower's SuperExec start a fresh ClientApp process per message instead (seconds per message).
 #
 #   scripts/start_supernode.sh --superlink HOST:PORT --partition-id K --num-partitions N
 #                              [--data FILE] [--eval FILE] [--ca FILE] [--key FILE] [--port PORT] [--home DIR]
-#                              [--node-config 'KEY=VALUE ...']
+#                              [--node-config 'KEY=VALUE ...'] [--flower-executor]
 #
 #   --data FILE   this site's own training file (node config data-path; for experiments with
 #                 task.client_source = "files"); read by this site's ClientApp, sent nowhere
@@ -21,6 +23,7 @@
 set -euo pipefail
 source "$(dirname "$0")/_flower_env.sh"
 superlink="" partition="" partitions="" data="" evaluation="" ca="" key="" port=9094 home="" extra=""
+warm=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --superlink) superlink=$2; shift 2 ;;
@@ -33,6 +36,7 @@ while [[ $# -gt 0 ]]; do
     --port) port=$2; shift 2 ;;
     --home) home=$2; shift 2 ;;
     --node-config) extra=$2; shift 2 ;;
+    --flower-executor) warm=0; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -53,4 +57,17 @@ if [[ -n "$extra" ]]; then node_config+=" $extra"; fi
 args=(flower-supernode --superlink "$superlink" --port "$port" --node-config "$node_config")
 if [[ -n "$ca" ]]; then args+=(--root-certificates "$ca"); else args+=(--insecure); fi
 if [[ -n "$key" ]]; then args+=(--auth-supernode-private-key "$key"); fi
-run "${args[@]}"
+if [[ "$warm" == 0 ]]; then run "${args[@]}"; exit 0; fi
+args+=(--isolation process)
+python="python3"
+if [[ -x "$venv/bin/python" ]]; then python="$venv/bin/python"; fi
+executor=("$python" -m fedcollm.engines.flower.clientapp_executor --runtime-api-address "127.0.0.1:$port" --insecure)
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${args[@]}"; printf '\n'
+  printf '%q ' "${executor[@]}"; printf '\n'
+  exit 0
+fi
+"${args[@]}" &
+node=$!
+trap 'kill "$node" 2>/dev/null || true; wait "$node" 2>/dev/null || true' EXIT INT TERM
+"${executor[@]}" --parent-pid "$node"

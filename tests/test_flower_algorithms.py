@@ -4,7 +4,7 @@ Each algorithm runs on the embedded engine, in Flower's simulation and in a real
 SuperLink and two SuperNodes as processes on 127.0.0.1), without secure aggregation, and the
 three runs must agree bit for bit: every saved adapter and every metrics line. Two rounds, so
 what a client keeps between rounds (Standalone's own adapter, FedMKT's knowledge-trained SLM)
-has to survive Flower's node state. Slow (deployment starts a process per message); CI runs it.
+has to survive Flower's node state. Slow (processes); CI runs it.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def test_fedmkt_crosslm_and_standalone_agree_on_the_embedded_engine_in_simulatio
         federation.stop()
     assert federation.leftover_pids() == []
     assert_no_processes_left(tmp_path / "federation" / ".flwr" / "superlink")
+    # The ClientApps were forked by each SuperNode's warm executor, not started by Flower.
+    assert "ClientApp executor" in (tmp_path / "federation" / "logs" / "supernode-0.log").read_text()
 
     for name in ALGORITHMS:
         embedded = _adapters(tmp_path / name / "embedded")

@@ -1,6 +1,8 @@
 """Flower's deployment engine: a real SuperLink and SuperNodes as separate processes on 127.0.0.1.
 
-Slow (each ClientApp message starts a fresh process that imports torch); CI runs them.
+Slow (processes, and tiny models trained in them); CI runs them. The three-way test lets Flower's
+SuperExec start every ClientApp (`warm_clientapps=False`); the others, like `fedcollm deploy`,
+fork them from the warm executor beside each SuperNode (`clientapp_executor`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def test_embedded_simulation_and_deployment_give_the_same_adapters(
     run_experiment(cfg, tmp_path / "simulation", engine="flower", flower=FlowerOptions(secagg=False))
     run_experiment(cfg, tmp_path / "simulation-secagg", engine="flower", flower=FlowerOptions(secagg=True))
 
-    federation = LocalFederation(tmp_path / "federation", 3, tls=True)
+    federation = LocalFederation(tmp_path / "federation", 3, tls=True, warm_clientapps=False)
     try:
         federation.start()
         for name, secagg in (("deployment", False), ("deployment-secagg", True)):
@@ -47,6 +49,7 @@ def test_embedded_simulation_and_deployment_give_the_same_adapters(
         federation.stop()
     assert federation.leftover_pids() == []
     assert_no_processes_left(tmp_path / "federation" / ".flwr" / "superlink")
+    assert "ClientApp executor" not in (tmp_path / "federation" / "logs" / "supernode-0.log").read_text()
 
     embedded = saved_adapter(tmp_path / "embedded")
     for name in ("simulation", "deployment"):

@@ -7,7 +7,13 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from fedcollm.engines.flower.deploy import SCRIPTS, cli_config, superlink_command, supernode_command
+from fedcollm.engines.flower.deploy import (
+    SCRIPTS,
+    cli_config,
+    clientapp_executor_command,
+    superlink_command,
+    supernode_command,
+)
 
 
 def dry_run(script: str, *args: str, home: Path) -> list[str]:
@@ -16,6 +22,12 @@ def dry_run(script: str, *args: str, home: Path) -> list[str]:
         ["bash", str(SCRIPTS / script), *args], env=env, capture_output=True, text=True, check=True
     )
     return shlex.split(out.stdout)
+
+
+def supernode_dry_run(home: Path, *options: str) -> list[str]:
+    """What `start_supernode.sh` would run for client 0 of 3 (and `options`)."""
+    args = ("--superlink", "10.0.0.1:9093", "--partition-id", "0", "--num-partitions", "3", *options)
+    return dry_run("start_supernode.sh", *args, home=home)
 
 
 def test_superlink_script(tmp_path: Path) -> None:
@@ -55,29 +67,30 @@ def test_supernode_script(tmp_path: Path) -> None:
         "9096",
         home=tmp_path,
     )
-    assert got == supernode_command(
+    node = supernode_command(
         "10.0.0.1:9093", 2, 3, runtime_port=9096, ca=Path("ca.crt"), private_key=Path("keys/supernode-2")
     )
+    assert got[: len(node)] == node
     assert "partition-id=2 num-partitions=3" in got
+    # The node hands its ClientApps to the warm executor started beside it, on its Runtime API.
+    assert node[-2:] == ["--isolation", "process"]
+    assert Path(got[len(node)]).name.startswith("python")
+    assert got[len(node) + 1 :] == clientapp_executor_command(9096)
+
+
+def test_supernode_script_can_leave_the_clientapps_to_flower(tmp_path: Path) -> None:
+    got = supernode_dry_run(tmp_path, "--flower-executor")
+    assert got == supernode_command("10.0.0.1:9093", 0, 3, runtime_port=9094, warm_clientapps=False)
+    assert "--isolation" not in got
 
 
 def test_supernode_script_names_the_sites_own_file_as_the_python_helper_does(tmp_path: Path) -> None:
     data = tmp_path / "site a.jsonl"
     data.write_text("{}\n")
-    got = dry_run(
-        "start_supernode.sh",
-        "--superlink",
-        "10.0.0.1:9093",
-        "--partition-id",
-        "0",
-        "--num-partitions",
-        "3",
-        "--data",
-        str(data),
-        home=tmp_path,
-    )
+    got = supernode_dry_run(tmp_path, "--data", str(data))
     extra = {"data-path": str(data.resolve())}
-    assert got == supernode_command("10.0.0.1:9093", 0, 3, runtime_port=9094, extra=extra)
+    node = supernode_command("10.0.0.1:9093", 0, 3, runtime_port=9094, extra=extra)
+    assert got[: len(node)] == node
     assert f'data-path="{data.resolve()}"' in got[got.index("--node-config") + 1]
 
 

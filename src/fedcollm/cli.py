@@ -270,6 +270,13 @@ def deploy(
             "--site-eval 0=eval-a.jsonl (experiments with task.client_eval = true)."
         ),
     ] = None,
+    flower_executor: Annotated[
+        bool,
+        typer.Option(
+            help="Let Flower start a fresh ClientApp process per message instead of forking "
+            "each from a warm executor beside its SuperNode (slower by seconds per message)."
+        ),
+    ] = False,
 ) -> None:
     """Run an experiment on Flower's deployment engine: a SuperLink and one SuperNode per client,
     each a separate process on 127.0.0.1 (docs/deployment.md shows the same on real machines)."""
@@ -311,6 +318,7 @@ def deploy(
         on_status=console.log,
         site_data=sites,
         site_eval=evals,
+        warm_clientapps=not flower_executor,
     )
     console.print(f"[green]done[/]: {out}")
     console.print((out / "results.md").read_text(encoding="utf-8"))

@@ -106,6 +106,10 @@ class Managed:
             if pid not in self.known:
                 self.known[pid] = _start_time(pid)
 
+    def adopt(self, pid: int) -> None:
+        """Count a process started beside this one (not its descendant) as part of it."""
+        self.known.setdefault(pid, _start_time(pid))
+
     def live(self) -> list[int]:
         self.remember()
         return [pid for pid, start in self.known.items() if alive(pid, start)]

@@ -17,9 +17,10 @@ process (`node_worker`), which keeps the model and data loaded across the run's 
 otherwise in this process (simulation, where a Ray actor serves many messages and keeps what it
 built). Between rounds the client's state is checkpointed on the node's disk either way.
 
-This module imports no torch: in deployment each message runs in a fresh ClientApp process, and
-neither the SecAgg+ key-exchange stages nor a hand-over to the worker may pay for loading a model
-stack.
+This module imports no torch: in deployment each message runs in a fresh ClientApp process
+(forked from the SuperNode's warm `clientapp_executor`, which imports this module and must hold
+no model stack to fork), and neither the SecAgg+ key-exchange stages nor a hand-over to the
+worker may pay for loading one.
 """
 
 from __future__ import annotations

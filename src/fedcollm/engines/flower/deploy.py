@@ -102,11 +102,14 @@ class LocalFederation:
         startup_timeout: float = 60.0,
         site_config: Mapping[int, Mapping[str, str]] | None = None,
         threads: int | None = None,
+        warm_clientapps: bool = True,
     ) -> None:
         """`site_config`: node-config entries for some SuperNodes beyond which client they are,
         e.g. `{0: {"data-path": "/data/site-0.jsonl"}}` (each site's own file). `threads`: CPU
         threads per SuperNode (node config `threads`); default: this machine's cores shared out
-        among the SuperNodes, at least one each, as on separate machines none would compete."""
+        among the SuperNodes, at least one each, as on separate machines none would compete.
+        `warm_clientapps`: each SuperNode's ClientApps are forked from a warm executor
+        (`clientapp_executor`); off, Flower's SuperExec starts a fresh process per message."""
         if auth and not tls:
             raise FlowerEngineError("SuperNode authentication needs TLS (Flower refuses it otherwise)")
         self.workdir = workdir.resolve()
@@ -116,6 +119,7 @@ class LocalFederation:
         self.host = host
         self.startup_timeout = startup_timeout
         self.site_config = {int(k): dict(v) for k, v in (site_config or {}).items()}
+        self.warm_clientapps = warm_clientapps
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, num_clients))
         self.port = 0
         self.superlink: Managed | None = None
@@ -186,16 +190,37 @@ class LocalFederation:
         self.superlink.remember()
 
     def start_supernode(self, client: int) -> None:
+        runtime_port = free_port(self.host)
         args = supernode_command(
             f"{self.host}:{self.port}",
             client,
             self.num_clients,
-            runtime_port=free_port(self.host),
+            runtime_port=runtime_port,
+            warm_clientapps=self.warm_clientapps,
             ca=self.certs / "ca.crt" if self.tls else None,
             private_key=self.keys / f"supernode-{client}" if self.auth else None,
             extra={"threads": self.threads, **self.site_config.get(client, {})},
         )
-        self.supernodes[client] = self._spawn(f"supernode-{client}", args)
+        node = self._spawn(f"supernode-{client}", args)
+        self.supernodes[client] = node
+        if self.warm_clientapps:
+            node.adopt(self._start_executor(node, runtime_port).pid)
+
+    def _start_executor(self, node: Managed, runtime_port: int) -> subprocess.Popen[bytes]:
+        """The SuperNode's ClientApp executor (`clientapp_executor`); adopted by the node's
+        `Managed`, so that signals to the node reach it and the ClientApps it forks (its group)."""
+        handle = node.log.open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, *clientapp_executor_command(runtime_port), "--parent-pid", str(node.proc.pid)],
+            cwd=self.workdir,
+            env=flower_env(self.homes / node.name),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        handle.close()
+        return proc
 
     def kill_supernode(self, client: int) -> None:
         """Kill a SuperNode and what it spawned at once (SIGKILL), as a crashing machine would."""
@@ -382,8 +407,12 @@ def supernode_command(
     ca: Path | None = None,
     private_key: Path | None = None,
     extra: Mapping[str, Any] | None = None,
+    warm_clientapps: bool = True,
 ) -> list[str]:
-    """`flower-supernode`'s command line; `extra`: further node-config entries (`data-path`)."""
+    """`flower-supernode`'s command line; `extra`: further node-config entries (`data-path`).
+
+    `warm_clientapps`: the node hands its ClientApp tasks to a `clientapp_executor` started beside
+    it (`--isolation process`; `clientapp_executor_command`) instead of Flower's SuperExec."""
     node_config = {"partition-id": client, "num-partitions": num_clients, **(extra or {})}
     args = [
         "flower-supernode",
@@ -397,7 +426,22 @@ def supernode_command(
     args += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if private_key is not None:
         args += ["--auth-supernode-private-key", str(private_key)]
+    if warm_clientapps:
+        args += ["--isolation", "process"]
     return args
+
+
+def clientapp_executor_command(runtime_port: int) -> list[str]:
+    """The arguments after the Python interpreter that start a SuperNode's ClientApp executor
+    (`clientapp_executor`) for the node whose Runtime API listens on `runtime_port` here; the
+    caller adds `--parent-pid` (the SuperNode's), so the executor stops with its node."""
+    return [
+        "-m",
+        "fedcollm.engines.flower.clientapp_executor",
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--insecure",
+    ]
 
 
 def cli_config(address: str, ca: Path | None) -> str:
@@ -444,6 +488,7 @@ def deploy_experiment(
     on_status: Any = None,
     site_data: Mapping[int, Path] | None = None,
     site_eval: Mapping[int, Path] | None = None,
+    warm_clientapps: bool = True,
 ) -> RunStatus:
     """Run an experiment on a SuperLink and `num_clients` SuperNodes started here (127.0.0.1).
 
@@ -451,6 +496,8 @@ def deploy_experiment(
     when the run ends or fails. `site_data`: client -> its own training file, given to that
     client's SuperNode as `--node-config data-path=...` (experiments with client files);
     `site_eval`: client -> its own evaluation file, as `eval-path=...` (`task.client_eval`).
+    `warm_clientapps`: fork each ClientApp from a warm executor (default) rather than letting
+    Flower start a fresh process per message (`LocalFederation`).
     """
     out = out.resolve()
     run_config: dict[str, Any] = {
@@ -464,7 +511,10 @@ def deploy_experiment(
     for key, files in (("data-path", site_data), ("eval-path", site_eval)):
         for k, path in (files or {}).items():
             sites.setdefault(k, {})[key] = str(Path(path).resolve())
-    with LocalFederation(out / "flower", num_clients, tls=tls, auth=auth, site_config=sites) as federation:
+    federation = LocalFederation(
+        out / "flower", num_clients, tls=tls, auth=auth, site_config=sites, warm_clientapps=warm_clientapps
+    )
+    with federation:
         run_id = federation.submit(run_config)
         if on_status is not None:
             on_status(f"run {run_id} submitted; logs in {federation.logs}")

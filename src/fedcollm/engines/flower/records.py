@@ -22,6 +22,7 @@ Every request's `fedcollm` record also says whether the node should keep a worke
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -64,13 +65,45 @@ def number(record: ConfigRecord, key: str) -> float:
     return float(value)
 
 
+PACKED_LAYOUT = "fedcollm.layout"
+"""The entry of a packed ArrayRecord that says where each named array lies (JSON, as bytes)."""
+PACKED_PREFIX = "fedcollm.packed."
+"""Entries of a packed ArrayRecord: one flat array per dtype (`fedcollm.packed.<f4`)."""
+
+
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Named arrays -> ArrayRecord, names in the given order, values bit-exact."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    """Named arrays -> an ArrayRecord of one flat array per dtype and their layout; bit-exact.
+
+    Flower moves every Array of a message as separate objects, one HTTP request each on every
+    hop (SuperLink, SuperNode, ClientApp): a LoRA adapter of 120 tensors took some 250 requests
+    per message and hop, seconds of every deployment round (bench/README.md, "Engines").
+    Packed, a message carries a handful of objects whatever the adapter's size in tensors.
+    """
+    layout: list[list[object]] = []
+    flat: dict[str, list[np.ndarray]] = {}
+    filled: dict[str, int] = {}
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        kind = array.dtype.str
+        layout.append([name, kind, list(array.shape), filled.get(kind, 0)])
+        flat.setdefault(kind, []).append(np.ascontiguousarray(array).reshape(-1))
+        filled[kind] = filled.get(kind, 0) + array.size
+    record = {PACKED_PREFIX + kind: Array(np.concatenate(parts)) for kind, parts in flat.items()}
+    record[PACKED_LAYOUT] = Array(np.frombuffer(json.dumps(layout).encode("utf-8"), dtype=np.uint8))
+    return ArrayRecord(record)
 
 
 def from_array_record(record: ArrayRecord) -> Arrays:
-    return {name: array.numpy() for name, array in record.items()}
+    """The named arrays of `to_array_record`, in their order (a record of plain named arrays too)."""
+    if PACKED_LAYOUT not in record:
+        return {name: array.numpy() for name, array in record.items()}
+    layout = json.loads(record[PACKED_LAYOUT].numpy().tobytes().decode("utf-8"))
+    flat = {key[len(PACKED_PREFIX) :]: array.numpy() for key, array in record.items() if key != PACKED_LAYOUT}
+    arrays: Arrays = {}
+    for name, kind, shape, start in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        arrays[name] = flat[kind][start : start + size].reshape(shape).copy()
+    return arrays
 
 
 @dataclass
