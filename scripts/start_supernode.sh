@@ -67,7 +67,13 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${executor[@]}"; printf '\n'
   exit 0
 fi
+# Both in the background, so that a signal to this script reaches its trap at once; whichever
+# ends first (the node, or the executor) ends the site.
 "${args[@]}" &
 node=$!
-trap 'kill "$node" 2>/dev/null || true; wait "$node" 2>/dev/null || true' EXIT INT TERM
-"${executor[@]}" --parent-pid "$node"
+"${executor[@]}" --parent-pid "$node" &
+executor_pid=$!
+trap 'kill "$node" "$executor_pid" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+wait -n "$node" "$executor_pid"
