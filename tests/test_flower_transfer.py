@@ -8,16 +8,21 @@ that must not hold the model stack it would hand to every child.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.supercore.constant import TaskType
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.superexec.executor import ExecutionSpec
 
-from fedcollm.engines.flower import records
+from fedcollm.engines.flower import clientapp_executor, records
 
 
 def _adapter(layers: int = 30) -> dict[str, np.ndarray]:
@@ -94,3 +99,47 @@ def test_the_warm_clientapp_executor_holds_no_model_stack_to_fork() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def _spec(task_type: TaskType) -> ExecutionSpec:
+    return ExecutionSpec(
+        task_type=task_type,
+        runtime_api_address="127.0.0.1:9094",
+        token="token-1",
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=os.getpid(),
+        suppress_output=True,
+        task_id=1,
+    )
+
+
+def test_the_executor_runs_a_clientapp_task_in_a_forked_child_and_reaps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = tmp_path / "child"
+
+    def child(spec: ExecutionSpec, certificates: bytes | None) -> int:
+        seen.write_text(f"{os.getpid()} {spec.token} {spec.runtime_api_address}")
+        return 0
+
+    monkeypatch.setattr(clientapp_executor, "_run_clientapp_child", child)
+    executor = clientapp_executor.ForkingExecutor()
+    assert executor.launch(_spec(TaskType.CLIENT_APP)).status == "accepted"
+    (pid,) = executor.children
+    deadline = time.monotonic() + 10
+    while executor.children and time.monotonic() < deadline:
+        executor.reconcile()
+        time.sleep(0.05)
+    assert not executor.children, "the finished child was not reaped"
+    assert seen.read_text() == f"{pid} token-1 127.0.0.1:9094"
+
+
+def test_the_executor_leaves_other_task_types_to_flowers_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    executor = clientapp_executor.ForkingExecutor()
+    handed: list[ExecutionSpec] = []
+    monkeypatch.setattr(executor._fallback, "launch", lambda spec: handed.append(spec) or "flower")
+    spec = _spec(TaskType.SERVER_APP)
+    assert executor.launch(spec) == "flower"
+    assert handed == [spec] and not executor.children
