@@ -19,10 +19,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -164,16 +164,18 @@ def _line(qset: QuestionSet, question: QuestionRecord) -> str:
 
 def write_question_sets(run_dir: Path, sets: Iterable[QuestionSet]) -> list[Path]:
     """Write each set to `run_dir/questions/<file_name>` (atomically: temp file, then rename)."""
+    return [_write_lines(run_dir, qset.file_name, (_line(qset, q) for q in qset.questions)) for qset in sets]
+
+
+def _write_lines(run_dir: Path, file_name: str, lines: Iterable[str]) -> Path:
+    """`run_dir/questions/<file_name>`, one line each, atomically (temp file, then rename)."""
     folder = run_dir / QUESTIONS_DIR
-    written = []
-    for qset in sets:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / qset.file_name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(_line(qset, q) + "\n" for q in qset.questions), encoding="utf-8")
-        os.replace(tmp, path)
-        written.append(path)
-    return written
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file_name
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 _FIELDS = ("round", "role", "client", "set", "id", "gold", "pred", "pred_norm", "loglikelihoods", "lengths")
@@ -181,37 +183,54 @@ _FIELDS = ("round", "role", "client", "set", "id", "gold", "pred", "pred_norm", 
 
 def read_question_set(path: Path) -> QuestionSet:
     """One records file back as a `QuestionSet`; a malformed line is an error naming file and line."""
-    questions = []
-    header: tuple[int, str, int | None, str] | None = None
+
+    def question(line: dict[str, Any]) -> QuestionRecord:
+        return QuestionRecord(
+            id=str(line["id"]),
+            gold=int(line["gold"]),
+            pred=int(line["pred"]),
+            pred_norm=int(line["pred_norm"]),
+            loglikelihoods=tuple(float(x) for x in line["loglikelihoods"]),
+            lengths=tuple(int(x) for x in line["lengths"]),
+        )
+
+    header, questions = _read_lines(path, _FIELDS, question, "a question record")
+    if header is None:
+        raise RecordsError(f"{path}: no question records")
+    return QuestionSet(*header, questions=tuple(questions))
+
+
+_Header = tuple[int, str, int | None, str]
+_Record = TypeVar("_Record")
+
+
+def _read_lines(
+    path: Path, fields: Sequence[str], parse: Callable[[dict[str, Any]], _Record], what: str
+) -> tuple[_Header | None, list[_Record]]:
+    """Every record of a records file, parsed, and the round/role/client/set all its lines share
+    (None for a file without records); a malformed or foreign line is an error naming file and line."""
+    items = []
+    header: _Header | None = None
     for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():
             continue
         try:
             line = json.loads(text)
-            missing = [name for name in _FIELDS if name not in line]
+            missing = [name for name in fields if name not in line]
             if missing:
                 raise KeyError(", ".join(missing))
             this = (int(line["round"]), str(line["role"]), line["client"], str(line["set"]))
-            question = QuestionRecord(
-                id=str(line["id"]),
-                gold=int(line["gold"]),
-                pred=int(line["pred"]),
-                pred_norm=int(line["pred_norm"]),
-                loglikelihoods=tuple(float(x) for x in line["loglikelihoods"]),
-                lengths=tuple(int(x) for x in line["lengths"]),
-            )
+            item = parse(line)
         except (ValueError, KeyError, TypeError) as exc:
-            raise RecordsError(f"{path}, line {number}: not a question record ({exc})") from exc
+            raise RecordsError(f"{path}, line {number}: not {what} ({exc})") from exc
         if header is None:
             header = this
         elif this != header:
             raise RecordsError(
                 f"{path}, line {number}: round/role/client/set {this} differ from line 1's {header}"
             )
-        questions.append(question)
-    if header is None:
-        raise RecordsError(f"{path}: no question records")
-    return QuestionSet(*header, questions=tuple(questions))
+        items.append(item)
+    return header, items
 
 
 def _kind(path: Path) -> str:
@@ -318,18 +337,14 @@ def _generation_line(gset: GenerationSet, record: GeneratedRecord) -> str:
 
 def write_records(run_dir: Path, sets: Iterable[QuestionSet | GenerationSet]) -> list[Path]:
     """Write each set, of either kind, to `run_dir/questions/<file_name>` (atomically)."""
-    folder = run_dir / QUESTIONS_DIR
     written = []
     for one in sets:
         if isinstance(one, QuestionSet):
             written += write_question_sets(run_dir, [one])
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / one.file_name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(_generation_line(one, r) + "\n" for r in one.examples), encoding="utf-8")
-        os.replace(tmp, path)
-        written.append(path)
+        else:
+            written.append(
+                _write_lines(run_dir, one.file_name, (_generation_line(one, r) for r in one.examples))
+            )
     return written
 
 
@@ -338,32 +353,16 @@ _GENERATION_FIELDS = ("round", "role", "client", "set", "id", "prediction", "ref
 
 def read_generation_set(path: Path) -> GenerationSet:
     """One file of generated answers' records back as a `GenerationSet` (errors name file and line)."""
-    examples = []
-    header: tuple[int, str, int | None, str] | None = None
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-            missing = [name for name in _GENERATION_FIELDS if name not in line]
-            if missing:
-                raise KeyError(", ".join(missing))
-            this = (int(line["round"]), str(line["role"]), line["client"], str(line["set"]))
-            record = GeneratedRecord(
-                str(line["id"]),
-                str(line["prediction"]),
-                tuple(str(r) for r in line["references"]),
-                *(float(line[m]) for m in GENERATION_METRICS),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RecordsError(f"{path}, line {number}: not a generated-answer record ({exc})") from exc
-        if header is None:
-            header = this
-        elif this != header:
-            raise RecordsError(
-                f"{path}, line {number}: round/role/client/set {this} differ from line 1's {header}"
-            )
-        examples.append(record)
+
+    def record(line: dict[str, Any]) -> GeneratedRecord:
+        return GeneratedRecord(
+            str(line["id"]),
+            str(line["prediction"]),
+            tuple(str(r) for r in line["references"]),
+            *(float(line[m]) for m in GENERATION_METRICS),
+        )
+
+    header, examples = _read_lines(path, _GENERATION_FIELDS, record, "a generated-answer record")
     if header is None:
         raise RecordsError(f"{path}: no records")
     return GenerationSet(*header, examples=tuple(examples))
