@@ -29,6 +29,7 @@ from fedcollm.algorithms.crosslm.synthetic import (
     mark_duplicates,
     pack_questions,
     parse_generation,
+    question_key,
     shuffle_choices,
     unpack_questions,
 )
@@ -172,7 +173,7 @@ def test_duplicates_of_demonstrations_earlier_candidates_and_eval_questions_are_
         " Why is the sky blue ?\nA. light\nB. paint\nAnswer: A\n\n",
     ]
     parsed = [parse_generation(t, choice_counts={2}, finished=True) for t in texts]
-    marked = mark_duplicates(parsed, known=[demo], evaluation=[held])
+    marked = mark_duplicates(parsed, known=[question_key(demo)], evaluation=[question_key(held)])
     assert [p.status for p in marked] == [DUPLICATE, EVAL_OVERLAP, OK, DUPLICATE]
 
 

@@ -28,8 +28,6 @@ import numpy as np
 from fedcollm.algorithms.crosslm import synthetic
 from fedcollm.algorithms.crosslm.synthetic import (
     BLOCK_SEPARATOR,
-    DUPLICATE,
-    EVAL_OVERLAP,
     LETTERS,
     MALFORMED,
     OK,
@@ -172,19 +170,7 @@ class SyntheticKind(ABC):
         """Discard valid generations that repeat a known example or an earlier one, or ask an
         evaluation question (`evaluation`: their keys): copying adds nothing; the evaluation set
         would leak into training."""
-        seen = {self.key(e) for e in known}
-        held_out = set(evaluation)
-        out: list[Parsed] = []
-        for item in parsed:
-            if item.ok and item.question is not None:
-                key = self.key(item.question)
-                if key in held_out:
-                    item = Parsed(EVAL_OVERLAP, "same question as one of the evaluation set", item.question)
-                elif key in seen:
-                    item = Parsed(DUPLICATE, "repeats a demonstration or an earlier candidate", item.question)
-                seen.add(key)
-            out.append(item)
-        return out
+        return synthetic.mark_duplicates(parsed, map(self.key, known), evaluation, key=self.key)
 
     def pack(self, examples: Sequence[Example], name: str) -> dict[str, np.ndarray]:
         """`name.bytes` (UTF-8 JSON of every example, uint8) and `name.offsets` (int64, len n+1)."""

@@ -231,24 +231,28 @@ def question_key(question: MCQuestion) -> str:
 
 
 def mark_duplicates(
-    parsed: Sequence[Parsed], known: Iterable[MCQuestion], evaluation: Iterable[MCQuestion]
+    parsed: Sequence[Parsed],
+    known: Iterable[str],
+    evaluation: Iterable[str],
+    key: Callable[[Any], str] = question_key,
 ) -> list[Parsed]:
-    """Discard valid generations that repeat a known question, an earlier one, or an eval question.
+    """Discard valid generations that repeat a known example, an earlier one, or an eval question.
 
-    `known` are questions the generator was shown or trained on (the auxiliary set): copying
-    them adds nothing. A question of the evaluation set would leak the test into training.
+    `known`: the keys (`key`) of examples the generator was shown or trained on (the auxiliary
+    set): copying them adds nothing. `evaluation`: the evaluation set's keys; a question of it
+    would leak the test into training.
     """
-    seen = {question_key(q) for q in known}
-    held_out = {question_key(q) for q in evaluation}
+    seen = set(known)
+    held_out = set(evaluation)
     out: list[Parsed] = []
     for item in parsed:
         if item.ok and item.question is not None:
-            key = question_key(item.question)
-            if key in held_out:
+            example_key = key(item.question)
+            if example_key in held_out:
                 item = Parsed(EVAL_OVERLAP, "same question as one of the evaluation set", item.question)
-            elif key in seen:
+            elif example_key in seen:
                 item = Parsed(DUPLICATE, "repeats a demonstration or an earlier candidate", item.question)
-            seen.add(key)
+            seen.add(example_key)
         out.append(item)
     return out
 
