@@ -52,8 +52,9 @@ under different seeds as separate evidence — they share the question — and g
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -111,21 +112,36 @@ def side(label: str, sets: Sequence[QuestionSet], norm: bool = False) -> Side:
         raise PairingError(
             f"{label}: expected one model's records or one set per client, got clients {clients}"
         )
+    ids, order, rows = _by_id(
+        label,
+        sets,
+        lambda q: [(x.id, x.correct_norm if norm else x.correct) for x in q.questions],
+        "question",
+    )
+    return Side(label, ids, order, np.asarray(rows, dtype=bool))
+
+
+def _by_id(
+    label: str, sets: Sequence[Any], values_of: Callable[[Any], list[tuple[str, Any]]], noun: str
+) -> tuple[tuple[str, ...], tuple[int | None, ...], list[list[Any]]]:
+    """Each set's values (`values_of`: (id, value) pairs) in id order, the sets in client order;
+    every set must hold the same ids, each once (`noun` names them in the errors)."""
     ordered = sorted(sets, key=lambda s: -1 if s.client is None else s.client)
     rows = []
     ids: tuple[str, ...] | None = None
-    for qset in ordered:
-        answers = {q.id: (q.correct_norm if norm else q.correct) for q in qset.questions}
-        if len(answers) != len(qset.questions):
-            raise PairingError(f"{label}: question ids repeat in {qset.file_name}")
-        these = tuple(sorted(answers))
+    for one in ordered:
+        pairs = values_of(one)
+        values = dict(pairs)
+        if len(values) != len(pairs):
+            raise PairingError(f"{label}: {noun} ids repeat in {one.file_name}")
+        these = tuple(sorted(values))
         if ids is None:
             ids = these
         elif these != ids:
-            raise PairingError(f"{label}: {qset.file_name} holds other questions than {ordered[0].file_name}")
-        rows.append([answers[i] for i in these])
+            raise PairingError(f"{label}: {one.file_name} holds other {noun}s than {ordered[0].file_name}")
+        rows.append([values[i] for i in these])
     assert ids is not None
-    return Side(label, ids, tuple(s.client for s in ordered), np.asarray(rows, dtype=bool))
+    return ids, tuple(s.client for s in ordered), rows
 
 
 @dataclass(frozen=True)
@@ -338,23 +354,11 @@ def generation_side(label: str, sets: Sequence[GenerationSet], metric: str) -> S
     """One side's per-example scores of `metric` by example id (one model's set, or one per client)."""
     if not sets:
         raise PairingError(f"{label}: no per-example records to compare")
-    ordered = sorted(sets, key=lambda s: -1 if s.client is None else s.client)
-    rows, ids = [], None
-    for gset in ordered:
-        scores = {e.id: e.score(metric) for e in gset.examples}
-        if len(scores) != len(gset.examples):
-            raise PairingError(f"{label}: example ids repeat in {gset.file_name}")
-        these = tuple(sorted(scores))
-        if ids is None:
-            ids = these
-        elif these != ids:
-            raise PairingError(f"{label}: {gset.file_name} holds other examples than {ordered[0].file_name}")
-        rows.append([scores[i] for i in these])
-    assert ids is not None
+    ids, order, rows = _by_id(label, sets, lambda g: [(e.id, e.score(metric)) for e in g.examples], "example")
     values = np.asarray(rows, dtype=np.float64)
     if metric in BINARY_GENERATION_METRICS:
         values = values.astype(bool)
-    return Side(label, ids, tuple(s.client for s in ordered), values)
+    return Side(label, ids, order, values)
 
 
 @dataclass(frozen=True)
