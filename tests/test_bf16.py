@@ -119,3 +119,25 @@ def test_forcing_bfloat16_without_native_support_is_warned_about_in_the_plan_and
     assert any("without native bfloat16" in r.message for r in caplog.records)
     monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
     assert precision.dtype_warning("bfloat16") is None
+
+
+@pytest.mark.parametrize(
+    ("kernels", "hardware", "native"),
+    [
+        ("AVX512", {"avx512_bf16": True}, True),
+        ("AVX512", {"amx_bf16": True}, True),
+        ("AVX512", {"avx512_bf16": False, "amx_bf16": False}, False),
+        ("AVX2", {"avx512_bf16": True, "amx_bf16": True}, False),  # ATEN_CPU_CAPABILITY=avx2
+        ("DEFAULT", {"avx512_bf16": True}, False),
+    ],
+)
+def test_native_bfloat16_needs_the_hardware_and_avx512_kernels(
+    monkeypatch: pytest.MonkeyPatch, kernels: str, hardware: dict[str, bool], native: bool
+) -> None:
+    """A bf16 CPU whose torch kernels are limited to AVX2 runs as an AVX2-only machine: auto is float32."""
+    from fedcollm.lm import precision
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kernels)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: hardware)
+    assert precision.native_bfloat16() is native
+    assert precision.torch_dtype("auto") == (torch.bfloat16 if native else torch.float32)

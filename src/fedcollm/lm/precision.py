@@ -48,8 +48,12 @@ def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX).
 
     Only then is bfloat16 faster than float32 (x1.6 per training step, x2 per evaluation on the
-    AVX-512 BF16 machine of bench/README.md); elsewhere torch emulates it, more slowly.
+    AVX-512 BF16 machine of bench/README.md); elsewhere torch emulates it, more slowly. A CPU
+    whose torch kernels are limited below AVX-512 (`ATEN_CPU_CAPABILITY=avx2`, how one runs as
+    an AVX2-only machine would) counts as without: its bfloat16 element-wise kernels are emulated.
     """
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
