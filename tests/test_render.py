@@ -111,3 +111,34 @@ def test_a_folder_that_is_neither_fails_naming_what_it_lacks(tracked_run: Path, 
         assert not (tracked_run / "plots").exists()
     assert "config.toml" not in report(tmp_path / "half").output.split("has no")[1].split(")")[0]
     assert "runs/<task>-<method>-<hash>/" in report(tmp_path / "half").output
+
+
+def _communication(folder: Path, *, bytes_per_param: int = 4) -> None:
+    """A run's communication.json: 2 rounds of 4 clients, 0.4608 M adapter parameters each way."""
+    folder.mkdir(parents=True)
+    sent = bytes_per_param * 460800 * 4
+    rounds = [{"round": i, "clients": 4, "down_bytes": sent, "up_bytes": sent} for i in (1, 2)]
+    table3 = {"full_model_params_M": 134.515008, "transmitted_params_M": 0.4608, "param_percent": 0.34256}
+    (folder / "communication.json").write_text(json.dumps({"table3": table3, "rounds": rounds}))
+
+
+def test_table3_has_one_row_per_method_over_seeds_and_ranges_what_differs(tmp_path: Path) -> None:
+    from fedcollm.experiment.report import RunRef, communication_rows
+
+    runs = []
+    for seed in (0, 1, 2):
+        for method in ("fedavg", "fedcollm"):
+            folder = tmp_path / f"{method}-{seed}"
+            _communication(folder)
+            runs.append(RunRef("arc_easy", method, folder, seed))
+    rows = communication_rows(runs)
+    assert [(r["method"], r["seeds"]) for r in rows] == [("FedAvg", "3"), ("FedCoLLM", "3")]
+    assert rows[0]["MB per client per round"] == "3.69" and rows[0]["transmitted (M)"] == "0.461"
+
+    # A seed that sent float16 adapters: its bytes differ from the others', shown as a range.
+    half = tmp_path / "fedavg-3"
+    _communication(half, bytes_per_param=2)
+    rows = communication_rows([*runs, RunRef("arc_easy", "fedavg", half, 3)])
+    assert rows[0]["seeds"] == "4" and rows[0]["MB per client per round"] == "1.84–3.69"
+    assert rows[0]["transmitted (M)"] == "0.461" and rows[1]["MB per client per round"] == "3.69"
+    assert "seeds" not in communication_rows(runs[:2])[0]  # one seed: no seeds column

@@ -124,28 +124,44 @@ def accuracy_rows(runs: Sequence[RunRef], role: str, methods: Sequence[str]) -> 
 
 
 def communication_rows(runs: Sequence[RunRef]) -> list[dict[str, str]]:
-    """Table 3: parameters per message and their share of the full model, bytes per client per round."""
-    rows = []
+    """Table 3: parameters per message and their share of the full model, bytes per client per round.
+
+    One row per (task, method); with several seeds a `seeds` column counts the runs, and a
+    figure that differs between them (bytes, where clients dropped out) is given as min–max.
+    """
+    with_seeds = several_seeds(runs)
+    groups: dict[tuple[str, str], list[dict[str, str]]] = {}
     for run in runs:
-        path = run.folder / "communication.json"
-        if not path.is_file():
-            continue
-        comm = json.loads(path.read_text(encoding="utf-8"))
-        rounds = comm.get("rounds") or []
-        if not rounds:
-            continue
-        per_client = [(r["down_bytes"] + r["up_bytes"]) / max(1, r["clients"]) for r in rounds]
-        rows.append(
-            {
-                "task": run.task,
-                "method": METHOD_LABELS.get(run.method, run.method),
-                "full model (M)": f"{comm['table3']['full_model_params_M']:.1f}",
-                "transmitted (M)": f"{comm['table3']['transmitted_params_M']:.3f}",
-                "percent": f"{comm['table3']['param_percent']:.3f}",
-                "MB per client per round": f"{sum(per_client) / len(per_client) / 1e6:.2f}",
-            }
-        )
+        figures = _communication_figures(run.folder / "communication.json")
+        if figures is not None:
+            groups.setdefault((run.task, run.method), []).append(figures)
+    rows = []
+    for (task, method), per_seed in groups.items():
+        row = {"task": task, "method": METHOD_LABELS.get(method, method)}
+        if with_seeds:
+            row["seeds"] = str(len(per_seed))
+        for key in per_seed[0]:
+            values = sorted({figures[key] for figures in per_seed}, key=float)
+            row[key] = values[0] if len(values) == 1 else f"{values[0]}–{values[-1]}"
+        rows.append(row)
     return rows
+
+
+def _communication_figures(path: Path) -> dict[str, str] | None:
+    """Table 3's figures of one run, formatted; None for a run that sent nothing (Zero-Shot)."""
+    if not path.is_file():
+        return None
+    comm = json.loads(path.read_text(encoding="utf-8"))
+    rounds = comm.get("rounds") or []
+    if not rounds:
+        return None
+    per_client = [(r["down_bytes"] + r["up_bytes"]) / max(1, r["clients"]) for r in rounds]
+    return {
+        "full model (M)": f"{comm['table3']['full_model_params_M']:.1f}",
+        "transmitted (M)": f"{comm['table3']['transmitted_params_M']:.3f}",
+        "percent": f"{comm['table3']['param_percent']:.3f}",
+        "MB per client per round": f"{sum(per_client) / len(per_client) / 1e6:.2f}",
+    }
 
 
 def markdown_table(rows: Sequence[dict[str, str]]) -> str:
