@@ -594,8 +594,22 @@ def test_the_report_gives_mean_and_sd_over_seeds_and_the_pooled_test(tmp_path: P
     assert cells[2:4] == ["3", str(n)]
     assert cells[4] == f"{want.delta:+.1f} ± {want.delta_sd:.1f}"
     assert cells[5] == f"[{want.ci_low:+.1f}, {want.ci_high:+.1f}]"
-    assert cells[6] == _p_text(want.p)
+    assert cells[6] == ("≤ 2.0e-04" if want.p <= 2e-4 + 1e-12 else _p_text(want.p))  # the floor is a bound
     with (out / "pooled_slm.csv").open() as fh:
         (row,) = [r for r in csv.DictReader(fh) if r["comparison"] == "FedCoLLM − FedAvg"]
     assert row["seeds"] == "0 1 2" and float(row["acc_sign_flip_p"]) == pytest.approx(want.p, rel=1e-12)
     assert float(row["acc_delta_sd"]) == pytest.approx(want.delta_sd, abs=1e-9)
+
+
+def test_a_sign_flip_p_at_the_permutation_floor_is_written_as_a_bound() -> None:
+    """No random flip reaches a mean of all-positive differences: p is the floor 2/(9999 + 1),
+    which scipy's own two-sided p also gives, and the tables write it as "≤ 2.0e-04"."""
+    from fedcollm.experiment.paired import SIGN_FLIP_P_FLOOR, format_sign_flip_p
+
+    d = np.ones(1000)
+    scipy_p = stats.permutation_test(
+        (d,), np.mean, permutation_type="samples", n_resamples=N_RESAMPLES, rng=np.random.default_rng(SEED)
+    ).pvalue
+    assert sign_flip_p(d) == pytest.approx(scipy_p) == pytest.approx(SIGN_FLIP_P_FLOOR) == pytest.approx(2e-4)
+    assert format_sign_flip_p(sign_flip_p(d)) == "≤ 2.0e-04"
+    assert format_sign_flip_p(3e-4) == "3.0e-04" and format_sign_flip_p(0.0421) == "0.042"

@@ -44,7 +44,7 @@ seeds of the per-seed Δ), the interval the same paired bootstrap over questions
 answers to a question resampled together), and the p-value a sign-flip permutation test of mean
 d (`scipy.stats.permutation_test`, `permutation_type="samples"` on the one vector d:
 under the null that A and B are exchangeable on each question, swapping them flips the sign of
-d_i; `N_RESAMPLES` random flips, generator seeded by `SEED`, so p ≥ 1/(N_RESAMPLES + 1)). For one
+d_i; `N_RESAMPLES` random flips, generator seeded by `SEED`, so p ≥ `SIGN_FLIP_P_FLOOR`). For one
 seed and one model per side this is McNemar's exact test up to Monte-Carlo error (the tests hold
 it). Counting the S·n seed × question pairs as independent would treat a question's answers
 under different seeds as separate evidence — they share the question — and give too small a p.
@@ -66,6 +66,9 @@ CONFIDENCE = 0.95
 """Confidence level of the bootstrap interval."""
 N_RESAMPLES = 9999
 """Bootstrap resamples (scipy's default)."""
+SIGN_FLIP_P_FLOOR = 2 / (N_RESAMPLES + 1)
+"""The smallest two-sided sign-flip p of `N_RESAMPLES` random flips: twice the smallest one-sided
+p, 1/(N_RESAMPLES + 1). A p there means "no random flip reached the observed mean"."""
 SEED = 0
 """Seed of the bootstrap's generator, `np.random.default_rng(SEED)`: the same runs, the same interval."""
 BOOTSTRAP_METHOD = "percentile"
@@ -328,6 +331,12 @@ def format_points(value: float) -> str:
 def format_p(p: float) -> str:
     """A p-value: three decimals, or two significant digits below 0.001."""
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def format_sign_flip_p(p: float) -> str:
+    """A sign-flip p as `format_p` writes it, "≤ 2.0e-04" at the permutation test's floor (a
+    bound, not a value: no random flip reached the observed mean)."""
+    return f"≤ {format_p(SIGN_FLIP_P_FLOOR)}" if p <= SIGN_FLIP_P_FLOOR * (1 + 1e-9) else format_p(p)
 
 
 def before_after(

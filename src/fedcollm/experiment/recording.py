@@ -40,6 +40,7 @@ from fedcollm.experiment.paired import (
     before_after,
     format_p,
     format_points,
+    format_sign_flip_p,
     generation_before_after,
 )
 from fedcollm.experiment.tracking import TENSORBOARD_DIR, tracker_for, tracking_reporter
@@ -328,7 +329,7 @@ def _generation_before_after_lines(sets: Sequence[GenerationSet], last: int) -> 
         cells = [role.upper(), str(first.n)]
         for metric in GENERATION_METRICS:
             result = found[metric]
-            p = format_p(result.p)
+            p = format_p(result.p) if isinstance(result, PairedResult) else format_sign_flip_p(result.p)
             if isinstance(result, PairedResult):
                 several = len(result.tests) > 1
                 p += (

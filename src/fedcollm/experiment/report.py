@@ -32,6 +32,7 @@ from fedcollm.experiment.paired import (
     final_sets,
     format_p,
     format_points,
+    format_sign_flip_p,
     pool,
     side,
 )
@@ -462,7 +463,7 @@ def pooled_markdown_rows(rows: Sequence[PooledRow]) -> list[dict[str, str]]:
         for key, result in (("acc", row.acc), ("acc_norm", row.acc_norm)):
             cells[f"Δ {key} (mean ± sd)"] = f"{format_points(result.delta)} ± {result.delta_sd:.1f}"
             cells[f"{key} 95 % CI"] = f"[{format_points(result.ci_low)}, {format_points(result.ci_high)}]"
-            cells[f"{key} p"] = format_p(result.p)
+            cells[f"{key} p"] = format_sign_flip_p(result.p)
         table.append(cells)
     return table
 
