@@ -329,12 +329,13 @@ def _generation_before_after_lines(sets: Sequence[GenerationSet], last: int) -> 
         cells = [role.upper(), str(first.n)]
         for metric in GENERATION_METRICS:
             result = found[metric]
-            p = format_p(result.p) if isinstance(result, PairedResult) else format_sign_flip_p(result.p)
             if isinstance(result, PairedResult):
                 several = len(result.tests) > 1
-                p += (
+                p = format_p(result.p) + (
                     f" (largest of {len(result.tests)})" if several else ""
                 ) + f", b/c {result.b}/{result.c}"
+            else:
+                p = format_sign_flip_p(result.p)
             cells += [
                 format_points(result.delta),
                 f"[{format_points(result.ci_low)}, {format_points(result.ci_high)}]",
